@@ -1,1 +1,22 @@
 """usp_megatron: Unified Sequence Parallelism (Ulysses x Ring attention) for Megatron-core."""
+
+from usp_megatron.attention import LongContextAttention
+from usp_megatron.groups import USPGroups, init_usp_groups, usp_groups_from
+from usp_megatron.kernels import BACKENDS, get_kernel
+from usp_megatron.layout import RING_IMPLS, local_positions
+from usp_megatron.sharding import gather_sequence, shard_sequence
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "LongContextAttention",
+    "RING_IMPLS",
+    "USPGroups",
+    "gather_sequence",
+    "get_kernel",
+    "init_usp_groups",
+    "local_positions",
+    "shard_sequence",
+    "usp_groups_from",
+]

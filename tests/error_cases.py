@@ -1,0 +1,49 @@
+"""Bad inputs to the public API, tried on every rank of a small world."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from usp_megatron import LongContextAttention, init_usp_groups
+
+
+def _raises(fn) -> str:
+    try:
+        fn()
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+def try_bad_inputs() -> dict[str, str]:
+    """Each bad input's ValueError message (or 'no error'); world size 4."""
+    assert dist.get_world_size() == 4
+    messages = {
+        "degree product": _raises(lambda: init_usp_groups(2, 3)),
+        "zero degree": _raises(lambda: init_usp_groups(0, 4)),
+    }
+    groups = init_usp_groups(2, 2)
+    attn = LongContextAttention(groups, ring_impl="zigzag", backend="reference")
+    x = torch.randn(1, 4, 4, 8)
+    messages["heads vs ulysses"] = _raises(
+        lambda: attn(torch.randn(1, 4, 3, 8), torch.randn(1, 4, 3, 8), torch.randn(1, 4, 3, 8))
+    )
+    messages["gqa ratio"] = _raises(
+        lambda: attn(x, torch.randn(1, 4, 3, 8), torch.randn(1, 4, 3, 8))
+    )
+    messages["zigzag seq len"] = _raises(
+        lambda: attn(*(torch.randn(1, 3, 4, 8) for _ in range(3)))
+    )
+    messages["dtype mismatch"] = _raises(lambda: attn(x, x.double(), x.double()))
+    messages["shape mismatch"] = _raises(lambda: attn(x, x[:, :2], x[:, :2]))
+    messages["not 4-D"] = _raises(lambda: attn(x[0], x[0], x[0]))
+    messages["unknown impl"] = _raises(lambda: LongContextAttention(groups, ring_impl="spiral"))
+    messages["unknown backend"] = _raises(lambda: LongContextAttention(groups, backend="xformers"))
+    messages["backend on wrong device"] = _raises(
+        lambda: LongContextAttention(groups, backend="torch_flash")(x, x, x)
+    )
+    # After all the refusals the world still works: nothing was left half-way in a collective.
+    out = attn(x, x, x)
+    messages["still works"] = "ok" if out.shape == x.shape else "bad shape"
+    return messages

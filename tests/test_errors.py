@@ -1,0 +1,35 @@
+"""Bad configurations raise ValueError naming the value and what is valid; nothing hangs."""
+
+import re
+
+import pytest
+from error_cases import try_bad_inputs
+
+from usp_megatron.testing import run_distributed
+
+EXPECTED = {
+    "degree product": "2 \\* 3 = 6 must equal the group size 4",
+    "zero degree": "ulysses_degree must be a positive integer, got 0",
+    "heads vs ulysses": "query heads 3 must be divisible by ulysses_degree 2",
+    "gqa ratio": "query heads 4 must be a multiple of key/value heads 3",
+    "zigzag seq len": "sequence length 12 must be a positive multiple of 2 \\* U \\* R = 8",
+    "dtype mismatch": "dtypes differ",
+    "shape mismatch": "must match q in batch, sequence",
+    "not 4-D": "must be \\[b, s_local, heads, head_dim\\]",
+    "unknown impl": "ring_impl must be one of \\('basic', 'zigzag', 'stripe'\\), got 'spiral'",
+    "unknown backend": "backend must be one of .* got 'xformers'",
+    "backend on wrong device": "'torch_flash' cannot run on device cpu",
+    "still works": "ok",
+}
+
+
+@pytest.fixture(scope="module")
+def messages():
+    return run_distributed(4, try_bad_inputs, timeout_s=300)
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED))
+def test_bad_input_is_refused_clearly(messages, case):
+    for rank, per_rank in enumerate(messages):
+        assert case in per_rank, f"rank {rank} did not try {case}"
+        assert re.search(EXPECTED[case], per_rank[case]), f"rank {rank}: {per_rank[case]!r}"

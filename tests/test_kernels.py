@@ -1,0 +1,81 @@
+"""Every kernel backend present against exact float64 attention: output, lse, gradients."""
+
+import pytest
+import torch
+from oracle import attention_float64, rel_error
+
+from usp_megatron.kernels import BACKENDS, available_backends, get_kernel
+
+HEADS = [(4, 4), (4, 2), (4, 1)]
+
+
+def _check_kernel(kernel, device, dtype, hq, hkv, causal, tol, sq=48, sk=48, d=32):
+    gen = torch.Generator().manual_seed(hq * 100 + hkv * 10 + causal)
+    q = torch.randn(2, sq, hq, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(2, sk, hkv, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, sk, hkv, d, generator=gen, dtype=torch.float64)
+    dout = torch.randn(2, sq, hq, d, generator=gen, dtype=torch.float64)
+    scale = 0.3
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = attention_float64(*leaves, causal=causal, scale=scale)
+    ref.backward(dout)
+    scores = torch.einsum(
+        "bqhd,bkhd->bhqk", q, k.repeat_interleave(hq // hkv, dim=2)
+    ) * scale
+    if causal:
+        scores = scores.masked_fill(torch.ones(sq, sk, dtype=torch.bool).triu(1), float("-inf"))
+    ref_lse = scores.logsumexp(-1)
+
+    to = dict(device=device, dtype=dtype)
+    qd, kd, vd, doutd = (t.to(**to) for t in (q, k, v, dout))
+    out, lse = kernel.forward(qd, kd, vd, causal, scale)
+    assert out.shape == (2, sq, hq, d) and out.dtype == dtype
+    assert lse.shape == (2, hq, sq) and lse.dtype in (torch.float32, torch.float64)
+    dq, dk, dv = kernel.backward(doutd, qd, kd, vd, out, lse, causal, scale)
+    errors = {
+        "out": rel_error(out, ref),
+        "lse": rel_error(lse, ref_lse),
+        "dq": rel_error(dq, leaves[0].grad),
+        "dk": rel_error(dk, leaves[1].grad),
+        "dv": rel_error(dv, leaves[2].grad),
+    }
+    assert max(errors.values()) < tol, errors
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("hq,hkv", HEADS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_reference_kernel_cpu(dtype, tol, hq, hkv, causal):
+    _check_kernel(get_kernel("reference", "cpu", dtype), "cpu", dtype, hq, hkv, causal, tol)
+
+
+def test_auto_is_reference_on_cpu():
+    assert get_kernel("auto", "cpu", torch.float32).name == "reference"
+    assert available_backends("cpu", torch.float32) == ["reference"]
+
+
+def test_backend_errors():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        get_kernel("cutlass", "cpu", torch.float32)
+    with pytest.raises(ValueError, match="cannot run on device cpu"):
+        get_kernel("torch_cudnn", "cpu", torch.bfloat16)
+
+
+def test_causal_block_must_be_square():
+    x = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="causal blocks must be square"):
+        get_kernel("reference", "cpu", torch.float32).forward(x, x[:, :3], x[:, :3], True, 1.0)
+
+
+GPU_BACKENDS = [b for b in BACKENDS if b not in ("auto", "reference")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("hq,hkv", HEADS)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_kernels_bf16(backend, hq, hkv, causal):
+    if backend not in available_backends("cuda", torch.bfloat16):
+        pytest.skip(f"{backend} is not available on this machine")
+    kernel = get_kernel(backend, "cuda", torch.bfloat16)
+    _check_kernel(kernel, "cuda", torch.bfloat16, hq, hkv, causal, 1e-2, sq=256, sk=256, d=128)

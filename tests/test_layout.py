@@ -1,0 +1,90 @@
+"""The sequence layout: partitions, Megatron's zigzag split, ring blocks, piece order."""
+
+import pytest
+import torch
+
+from usp_megatron.layout import (
+    RING_IMPLS,
+    gather_piece_order,
+    local_positions,
+    pieces_per_rank,
+    ring_block_positions,
+)
+
+DEGREES = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 2), (2, 4), (8, 1), (1, 8), (3, 2)]
+
+
+@pytest.mark.parametrize("impl", RING_IMPLS)
+@pytest.mark.parametrize("ulysses,ring", DEGREES)
+def test_local_positions_partition_the_sequence(impl, ulysses, ring):
+    seq_len = 2 * ulysses * ring * 3
+    held = [
+        local_positions(seq_len, ulysses, ring, u, r, impl)
+        for r in range(ring)
+        for u in range(ulysses)
+    ]
+    assert all(len(p) == seq_len // (ulysses * ring) for p in held)
+    assert torch.equal(torch.cat(held).sort().values, torch.arange(seq_len))
+
+
+@pytest.mark.parametrize("ulysses,ring", DEGREES)
+def test_zigzag_is_megatron_context_parallel_split(ulysses, ring):
+    """Megatron: CP rank c takes chunks c and 2C-1-c of 2C (get_batch_on_this_cp_rank)."""
+    cp = ulysses * ring
+    seq_len = 2 * cp * 5
+    chunks = torch.arange(seq_len).view(2 * cp, -1)
+    for c in range(cp):
+        expected = torch.cat([chunks[c], chunks[2 * cp - 1 - c]])
+        got = local_positions(seq_len, ulysses, ring, c % ulysses, c // ulysses, "zigzag")
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("ulysses,ring", DEGREES)
+def test_ring_blocks(ulysses, ring):
+    seq_len = 2 * ulysses * ring * 2
+    for r in range(ring):
+        stripe = ring_block_positions(seq_len, ulysses, ring, r, "stripe")
+        assert torch.equal(stripe, torch.arange(r, seq_len, ring))
+        basic = ring_block_positions(seq_len, ulysses, ring, r, "basic")
+        assert torch.equal(basic, torch.arange(seq_len).view(ring, -1)[r])
+        zigzag = ring_block_positions(seq_len, ulysses, ring, r, "zigzag")
+        chunks = torch.arange(seq_len).view(2 * ring, -1)
+        assert torch.equal(zigzag, torch.cat([chunks[r], chunks[2 * ring - 1 - r]]))
+
+
+@pytest.mark.parametrize("impl", RING_IMPLS)
+@pytest.mark.parametrize("ulysses,ring", DEGREES)
+def test_gather_piece_order_sorts_every_ring_block(impl, ulysses, ring):
+    """The reorder after the all-to-all yields the ring block in position order."""
+    seq_len = 2 * ulysses * ring * 3
+    k = pieces_per_rank(impl)
+    order = gather_piece_order(ulysses, impl)
+    for r in range(ring):
+        pieces = [
+            piece
+            for u in range(ulysses)
+            for piece in local_positions(seq_len, ulysses, ring, u, r, impl).chunk(k)
+        ]
+        reordered = torch.cat([pieces[i] for i in order])
+        assert torch.equal(reordered, ring_block_positions(seq_len, ulysses, ring, r, impl))
+
+
+def test_zigzag_piece_order_matches_design():
+    """A_0..A_{U-1}, B_{U-1}..B_0 where rank u holds (A_u, B_u)."""
+    assert gather_piece_order(4, "zigzag") == [0, 2, 4, 6, 7, 5, 3, 1]
+    assert gather_piece_order(4, "stripe") == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((12, 2, 2, 0, 0, "zigzag"), "multiple of 2 \\* U \\* R = 8"),
+        ((10, 2, 2, 0, 0, "stripe"), "multiple of U \\* R = 4"),
+        ((8, 2, 2, 0, 0, "spiral"), "ring_impl must be one of"),
+        ((8, 0, 2, 0, 0, "basic"), "ulysses_degree must be a positive"),
+        ((8, 2, 2, 2, 0, "basic"), "ulysses_rank 2 not in"),
+    ],
+)
+def test_layout_errors(args, message):
+    with pytest.raises(ValueError, match=message):
+        local_positions(*args)

@@ -1,0 +1,73 @@
+"""USP attention cases run inside one process world; results are checked by the tests.
+
+Each rank builds the full problem from a fixed seed, computes the one-rank float64
+reference, runs ``LongContextAttention`` on its shard, and reports the relative error of
+its output and gradient shards. Worlds are started once per world size (CI has 2 cores).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.distributed as dist
+from oracle import attention_float64, rel_error
+
+from usp_megatron import LongContextAttention, init_usp_groups, shard_sequence
+from usp_megatron.layout import RING_IMPLS
+
+
+def factorizations(world_size: int) -> list[tuple[int, int]]:
+    return [(u, world_size // u) for u in range(1, world_size + 1) if world_size % u == 0]
+
+
+def head_configs(ulysses: int) -> list[tuple[int, int]]:
+    """MHA, GQA, MQA, and a GQA whose kv heads do not divide by U (needs replication)."""
+    configs = [(8, 8), (8, 2), (8, 1)]
+    if 12 % ulysses == 0:
+        configs.append((12, 6))
+    return [(hq, hkv) for hq, hkv in configs if hq % ulysses == 0]
+
+
+def run_case(groups, impl, causal, hq, hkv, device, dtype, backend, seq_per_rank=16):
+    cp = groups.cp_size
+    seq_len = seq_per_rank * cp
+    gen = torch.Generator().manual_seed(1234 + 7 * hq + hkv + 31 * cp + int(causal))
+    shape_q, shape_kv = (2, seq_len, hq, 16), (2, seq_len, hkv, 16)
+    q, dout = (torch.randn(shape_q, generator=gen, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(shape_kv, generator=gen, dtype=torch.float64) for _ in range(2))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = attention_float64(*leaves, causal=causal)
+    ref.backward(dout)
+
+    def local(t):
+        return shard_sequence(t, 1, groups, impl).to(device=device, dtype=dtype)
+
+    mine = [local(t).requires_grad_() for t in (q, k, v)]
+    attn = LongContextAttention(groups, ring_impl=impl, backend=backend)
+    out = attn(*mine, causal=causal)
+    out.backward(local(dout))
+    return {
+        "out": rel_error(out, local(ref)),
+        "dq": rel_error(mine[0].grad, local(leaves[0].grad)),
+        "dk": rel_error(mine[1].grad, local(leaves[1].grad)),
+        "dv": rel_error(mine[2].grad, local(leaves[2].grad)),
+    }
+
+
+def run_all_cases(device_kind: str = "cpu", dtype_name: str = "float32", backend: str = "auto"):
+    """Every (U, R) factorisation x impl x causal x heads; returns [(case, errors)]."""
+    device = torch.device("cpu")
+    if device_kind == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = getattr(torch, dtype_name)
+    results = []
+    for ulysses, ring in factorizations(dist.get_world_size()):
+        groups = init_usp_groups(ulysses, ring)
+        for impl, causal, (hq, hkv) in itertools.product(
+            RING_IMPLS, (True, False), head_configs(ulysses)
+        ):
+            errors = run_case(groups, impl, causal, hq, hkv, device, dtype, backend)
+            case = f"U{ulysses}xR{ring} {impl} causal={causal} hq={hq} hkv={hkv}"
+            results.append((case, errors))
+    return results

@@ -1,0 +1,76 @@
+"""Plain-torch attention: any device, float32 (or float64) accumulation.
+
+The CPU path and the oracle the fast kernels are checked against. It materializes the
+``[sq, sk]`` score matrix, so it is for small blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from usp_megatron.kernels.base import check_block, expand_kv_heads, reduce_kv_heads
+
+
+def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+    """[b, h, sq, sk] scaled scores in the accumulation dtype, -inf where masked."""
+    acc = _accum_dtype(q.dtype)
+    k = expand_kv_heads(k, q.shape[2])
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), k.to(acc)) * scale
+    if causal:
+        sq, sk = scores.shape[-2:]
+        future = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    return scores
+
+
+class ReferenceKernel:
+    name = "reference"
+
+    def available(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return True
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        check_block(q, k, v, causal)
+        scores = _scores(q, k, causal, scale)
+        lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - lse.unsqueeze(-1))
+        v_full = expand_kv_heads(v, q.shape[2]).to(scores.dtype)
+        out = torch.einsum("bhqk,bkhd->bqhd", probs, v_full)
+        return out.to(q.dtype), lse
+
+    def backward(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        causal: bool,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        check_block(q, k, v, causal)
+        scores = _scores(q, k, causal, scale)
+        acc = scores.dtype
+        probs = torch.exp(scores - lse.to(acc).unsqueeze(-1))
+        dout_a = dout.to(acc)
+        k_full = expand_kv_heads(k, q.shape[2]).to(acc)
+        v_full = expand_kv_heads(v, q.shape[2]).to(acc)
+        dv = torch.einsum("bhqk,bqhd->bkhd", probs, dout_a)
+        dprobs = torch.einsum("bqhd,bkhd->bhqk", dout_a, v_full)
+        row_dot = (dout_a * out.to(acc)).sum(-1).transpose(1, 2)  # [b, h, sq]
+        dscores = probs * (dprobs - row_dot.unsqueeze(-1))
+        dq = torch.einsum("bhqk,bkhd->bqhd", dscores, k_full) * scale
+        dk = torch.einsum("bhqk,bqhd->bkhd", dscores, q.to(acc)) * scale
+        hkv = k.shape[2]
+        return (
+            dq.to(q.dtype),
+            reduce_kv_heads(dk, hkv).to(k.dtype),
+            reduce_kv_heads(dv, hkv).to(v.dtype),
+        )

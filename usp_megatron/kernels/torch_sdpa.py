@@ -1,0 +1,141 @@
+"""PyTorch's own fused attention ops (CUDA): flash, cuDNN and memory-efficient.
+
+These private aten ops return the log-sum-exp and have direct backward ops that take
+the final output and log-sum-exp, which is what ring attention needs. They take
+``[b, h, s, d]`` tensors; ours are ``[b, s, h, d]``, so a transpose view is passed (no
+copy). cuDNN is the fastest on H100 (docs/benchmarks.md), then flash, then efficient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from usp_megatron.kernels.base import check_block, expand_kv_heads, reduce_kv_heads
+
+aten = torch.ops.aten
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _bhsd(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2)
+
+
+def _bshd(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2)
+
+
+def _empty(device: torch.device) -> torch.Tensor:
+    return torch.empty(0, device=device)
+
+
+class FlashSDPAKernel:
+    """``aten._scaled_dot_product_flash_attention``: fp16/bf16, GQA shapes accepted."""
+
+    name = "torch_flash"
+
+    def available(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return device.type == "cuda" and dtype in _HALF
+
+    def forward(self, q, k, v, causal: bool, scale: float):
+        check_block(q, k, v, causal)
+        out, lse, *_ = aten._scaled_dot_product_flash_attention(
+            _bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, False, scale=scale
+        )
+        return _bshd(out), lse
+
+    def backward(self, dout, q, k, v, out, lse, causal: bool, scale: float):
+        sq, sk = q.shape[1], k.shape[1]
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
+            _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse.contiguous(),
+            None, None, sq, sk, 0.0, causal, _empty(q.device), _empty(q.device), scale=scale,
+        )
+        return _bshd(dq), _bshd(dk), _bshd(dv)
+
+
+class CudnnSDPAKernel:
+    """``aten._scaled_dot_product_cudnn_attention``: fp16/bf16 on sm80+, GQA shapes accepted."""
+
+    name = "torch_cudnn"
+
+    def available(self, device: torch.device, dtype: torch.dtype) -> bool:
+        if device.type != "cuda" or dtype not in _HALF:
+            return False
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+
+    def forward(self, q, k, v, causal: bool, scale: float):
+        check_block(q, k, v, causal)
+        out, lse, *_ = aten._scaled_dot_product_cudnn_attention(
+            _bhsd(q), _bhsd(k), _bhsd(v), None, True, 0.0, causal, False, scale=scale
+        )
+        return _bshd(out), lse.reshape(lse.shape[:3])
+
+    def backward(self, dout, q, k, v, out, lse, causal: bool, scale: float):
+        sq, sk = q.shape[1], k.shape[1]
+        dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
+            _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out),
+            lse.contiguous().unsqueeze(-1), _empty(q.device), _empty(q.device), None,
+            None, None, sq, sk, 0.0, causal, scale=scale,
+        )
+        return _bshd(dq), _bshd(dk), _bshd(dv)
+
+
+class EfficientSDPAKernel:
+    """``aten._scaled_dot_product_efficient_attention``: any float dtype, no GQA shapes.
+
+    Its log-sum-exp is padded to a multiple of 32 along the sequence; we return the
+    ``sq`` real rows and pad again for the backward.
+    """
+
+    name = "torch_efficient"
+
+    def available(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return device.type == "cuda" and dtype in (*_HALF, torch.float32)
+
+    def forward(self, q, k, v, causal: bool, scale: float):
+        check_block(q, k, v, causal)
+        hq = q.shape[2]
+        out, lse, *_ = aten._scaled_dot_product_efficient_attention(
+            _bhsd(q), _bhsd(expand_kv_heads(k, hq)), _bhsd(expand_kv_heads(v, hq)),
+            None, True, 0.0, causal, scale=scale,
+        )
+        return _bshd(out), lse[:, :, : q.shape[1]]
+
+    def backward(self, dout, q, k, v, out, lse, causal: bool, scale: float):
+        hq, hkv, sq = q.shape[2], k.shape[2], q.shape[1]
+        padded = torch.full(
+            (*lse.shape[:2], -(-sq // 32) * 32), float("inf"), dtype=lse.dtype, device=lse.device
+        )
+        padded[:, :, :sq] = lse
+        dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+            _bhsd(dout), _bhsd(q), _bhsd(expand_kv_heads(k, hq)), _bhsd(expand_kv_heads(v, hq)),
+            None, _bhsd(out), padded, _empty(q.device), _empty(q.device), 0.0,
+            [True, True, True, False], causal, scale=scale,
+        )
+        return _bshd(dq), reduce_kv_heads(_bshd(dk), hkv), reduce_kv_heads(_bshd(dv), hkv)
+
+
+class TorchSDPAKernel:
+    """The fastest of PyTorch's ops available for the device and dtype: cuDNN, flash, efficient."""
+
+    name = "torch"
+
+    def __init__(self) -> None:
+        self._choices = (CudnnSDPAKernel(), FlashSDPAKernel(), EfficientSDPAKernel())
+
+    def pick(self, device: torch.device, dtype: torch.dtype):
+        for kernel in self._choices:
+            if kernel.available(device, dtype):
+                return kernel
+        raise ValueError(
+            f"backend 'torch' needs a CUDA tensor of dtype float16, bfloat16 or float32; "
+            f"got device {device} and dtype {dtype} (use backend 'reference' on CPU)"
+        )
+
+    def available(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return any(k.available(device, dtype) for k in self._choices)
+
+    def forward(self, q, k, v, causal: bool, scale: float):
+        return self.pick(q.device, q.dtype).forward(q, k, v, causal, scale)
+
+    def backward(self, dout, q, k, v, out, lse, causal: bool, scale: float):
+        return self.pick(q.device, q.dtype).backward(dout, q, k, v, out, lse, causal, scale)

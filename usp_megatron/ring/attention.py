@@ -1,0 +1,137 @@
+"""Ring attention: one loop for every ring impl, forward and backward.
+
+At step ``i`` ring rank ``r`` holds the keys/values of block ``(r - i) % R``; it starts sending
+them on to the next rank, computes its block (``schedule.block_task``), merges by
+log-sum-exp, and takes the next block. The backward runs the same loop: key/value travel
+as in the forward, and the key/value gradients travel one step behind, each rank adding
+its contribution to the block it holds, until the last hop delivers them to their owner.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed import ProcessGroup
+
+from usp_megatron.comm import RingExchange
+from usp_megatron.kernels import AttentionKernel
+from usp_megatron.ring.merge import merge_by_lse
+from usp_megatron.ring.schedule import block_task
+
+
+def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class RingContext:
+    """A ring group and what every step needs from it."""
+
+    def __init__(self, group: ProcessGroup | None, ring_rank: int, ring_degree: int, impl: str):
+        self.group, self.rank, self.size, self.impl = group, ring_rank, ring_degree, impl
+
+    def exchange(self) -> RingExchange | None:
+        return RingExchange(self.group) if self.size > 1 else None
+
+
+def ring_forward(
+    ring: RingContext,
+    kernel: AttentionKernel,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [b, s, hq, d], k/v: [b, s, hkv, d] (this rank's ring block) -> (out, lse [b, hq, s])."""
+    b, s, hq, d = q.shape
+    acc = _accum_dtype(q.dtype)
+    out = torch.zeros(b, s, hq, d, dtype=acc, device=q.device)
+    lse = torch.full((b, hq, s), float("-inf"), dtype=acc, device=q.device)
+    kv_exchange = ring.exchange()
+    kv = torch.stack([k, v])
+    for step in range(ring.size):
+        if step + 1 < ring.size:
+            kv_exchange.start(kv)
+        task = block_task(ring.impl, causal, ring.rank, (ring.rank - step) % ring.size, s)
+        if task is not None:
+            block_out, block_lse = kernel.forward(
+                q[:, task.q_rows], kv[0][:, task.kv_rows], kv[1][:, task.kv_rows],
+                task.causal, scale,
+            )
+            merge_by_lse(out[:, task.q_rows], lse[:, :, task.q_rows], block_out, block_lse)
+        if step + 1 < ring.size:
+            kv = kv_exchange.wait()
+    return out.to(q.dtype), lse
+
+
+def ring_backward(
+    ring: RingContext,
+    kernel: AttentionKernel,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`ring_forward` given the final ``out`` and ``lse``."""
+    s = q.shape[1]
+    acc = _accum_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    kv_exchange, dkv_exchange = ring.exchange(), ring.exchange()
+    kv = torch.stack([k, v])
+    dkv = None
+    for step in range(ring.size):
+        if step + 1 < ring.size:
+            kv_exchange.start(kv)
+        task = block_task(ring.impl, causal, ring.rank, (ring.rank - step) % ring.size, s)
+        dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)
+        if task is not None:
+            rows = task.q_rows
+            block_dq, block_dk, block_dv = kernel.backward(
+                dout[:, rows], q[:, rows], kv[0][:, task.kv_rows], kv[1][:, task.kv_rows],
+                out[:, rows], lse[:, :, rows], task.causal, scale,
+            )
+            dq[:, rows] += block_dq
+            dkv[0][:, task.kv_rows] += block_dk
+            dkv[1][:, task.kv_rows] += block_dv
+        if ring.size > 1:
+            if step > 0:
+                dkv += dkv_exchange.wait()
+            dkv_exchange.start(dkv)
+        if step + 1 < ring.size:
+            kv = kv_exchange.wait()
+    if ring.size > 1:
+        dkv = dkv_exchange.wait()
+    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+
+
+class _RingAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ring, kernel, causal, scale, q, k, v):
+        out, lse = ring_forward(ring, kernel, q, k, v, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.ring, ctx.kernel, ctx.causal, ctx.scale = ring, kernel, causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ring_backward(
+            ctx.ring, ctx.kernel, dout, q, k, v, out, lse, ctx.causal, ctx.scale
+        )
+        return None, None, None, None, dq, dk, dv
+
+
+def ring_attention(
+    ring: RingContext,
+    kernel: AttentionKernel,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    """Differentiable ring attention over ``ring``'s group; returns [b, s, hq, d]."""
+    return _RingAttentionFunction.apply(ring, kernel, causal, scale, q, k, v)
