@@ -29,19 +29,20 @@ def head_configs(ulysses: int) -> list[tuple[int, int]]:
     return [(hq, hkv) for hq, hkv in configs if hq % ulysses == 0]
 
 
-def run_case(groups, impl, causal, hq, hkv, device, dtype, backend, seq_per_rank=16):
+def run_case(groups, impl, causal, hq, hkv, device, dtype, backend, seq_per_rank, head_dim):
     cp = groups.cp_size
     seq_len = seq_per_rank * cp
     gen = torch.Generator().manual_seed(1234 + 7 * hq + hkv + 31 * cp + int(causal))
-    shape_q, shape_kv = (2, seq_len, hq, 16), (2, seq_len, hkv, 16)
-    q, dout = (torch.randn(shape_q, generator=gen, dtype=torch.float64) for _ in range(2))
-    k, v = (torch.randn(shape_kv, generator=gen, dtype=torch.float64) for _ in range(2))
+    shape_q, shape_kv = (2, seq_len, hq, head_dim), (2, seq_len, hkv, head_dim)
+    f64 = dict(generator=gen, dtype=torch.float64)
+    q, dout = (torch.randn(shape_q, **f64).to(device) for _ in range(2))
+    k, v = (torch.randn(shape_kv, **f64).to(device) for _ in range(2))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = attention_float64(*leaves, causal=causal)
     ref.backward(dout)
 
     def local(t):
-        return shard_sequence(t, 1, groups, impl).to(device=device, dtype=dtype)
+        return shard_sequence(t, 1, groups, impl).to(dtype=dtype)
 
     mine = [local(t).requires_grad_() for t in (q, k, v)]
     attn = LongContextAttention(groups, ring_impl=impl, backend=backend)
@@ -55,7 +56,13 @@ def run_case(groups, impl, causal, hq, hkv, device, dtype, backend, seq_per_rank
     }
 
 
-def run_all_cases(device_kind: str = "cpu", dtype_name: str = "float32", backend: str = "auto"):
+def run_all_cases(
+    device_kind: str = "cpu",
+    dtype_name: str = "float32",
+    backend: str = "auto",
+    seq_per_rank: int = 16,
+    head_dim: int = 16,
+):
     """Every (U, R) factorisation x impl x causal x heads; returns [(case, errors)]."""
     device = torch.device("cpu")
     if device_kind == "cuda":
@@ -67,7 +74,9 @@ def run_all_cases(device_kind: str = "cpu", dtype_name: str = "float32", backend
         for impl, causal, (hq, hkv) in itertools.product(
             RING_IMPLS, (True, False), head_configs(ulysses)
         ):
-            errors = run_case(groups, impl, causal, hq, hkv, device, dtype, backend)
-            case = f"U{ulysses}xR{ring} {impl} causal={causal} hq={hq} hkv={hkv}"
+            errors = run_case(
+                groups, impl, causal, hq, hkv, device, dtype, backend, seq_per_rank, head_dim
+            )
+            case = f"U{ulysses}xR{ring} {impl} causal={causal} hq={hq} hkv={hkv} {backend}"
             results.append((case, errors))
     return results

@@ -71,7 +71,7 @@ def _seq_to_heads(
     send = torch.empty(u, b, s, sum(heads), d, dtype=tensors[0].dtype, device=tensors[0].device)
     start = 0
     for t, h in zip(tensors, heads):
-        send[..., start : start + h, :].copy_(t.view(b, s, u, h, d).permute(2, 0, 1, 3, 4))
+        send[..., start : start + h, :].copy_(t.reshape(b, s, u, h, d).permute(2, 0, 1, 3, 4))
         start += h
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
@@ -97,7 +97,7 @@ def _heads_to_seq(
     send_pieces = send.view(u, b, k, s // k, sum(heads), d)
     start = 0
     for t, h in zip(tensors, heads):
-        slots = t.view(b, u * k, s // k, h, d)
+        slots = t.reshape(b, u * k, s // k, h, d)
         for slot, src in enumerate(layout.order):
             send_pieces[src // k, :, src % k, :, start : start + h].copy_(slots[:, slot])
         start += h

@@ -41,14 +41,21 @@ def ring_forward(
     causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: [b, s, hq, d], k/v: [b, s, hkv, d] (this rank's ring block) -> (out, lse [b, hq, s])."""
-    b, s, hq, d = q.shape
-    acc = _accum_dtype(q.dtype)
-    out = torch.zeros(b, s, hq, d, dtype=acc, device=q.device)
-    lse = torch.full((b, hq, s), float("-inf"), dtype=acc, device=q.device)
+    """q: [b, s, hq, d], k/v: [b, s, hkv, d] (this rank's ring block) -> (out, lse [b, hq, s]).
+
+    Step 0 is the diagonal block, which covers every query row: it initializes the float32
+    accumulators (with one ring rank it is the whole answer, and no merge runs at all).
+    """
+    if ring.size == 1:
+        return kernel.forward(q, k, v, causal, scale)
+    s = q.shape[1]
     kv_exchange = ring.exchange()
     kv = torch.stack([k, v])
-    for step in range(ring.size):
+    kv_exchange.start(kv)
+    out, lse = kernel.forward(q, k, v, causal, scale)
+    out, lse = out.to(_accum_dtype(q.dtype)), lse.to(_accum_dtype(q.dtype))
+    for step in range(1, ring.size):
+        kv = kv_exchange.wait()
         if step + 1 < ring.size:
             kv_exchange.start(kv)
         task = block_task(ring.impl, causal, ring.rank, (ring.rank - step) % ring.size, s)
@@ -58,8 +65,6 @@ def ring_forward(
                 task.causal, scale,
             )
             merge_by_lse(out[:, task.q_rows], lse[:, :, task.q_rows], block_out, block_lse)
-        if step + 1 < ring.size:
-            kv = kv_exchange.wait()
     return out.to(q.dtype), lse
 
 
@@ -76,17 +81,20 @@ def ring_backward(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`ring_forward` given the final ``out`` and ``lse``."""
-    s = q.shape[1]
-    acc = _accum_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    if ring.size == 1:
+        return kernel.backward(dout, q, k, v, out, lse, causal, scale)
+    s, acc = q.shape[1], _accum_dtype(q.dtype)
     kv_exchange, dkv_exchange = ring.exchange(), ring.exchange()
     kv = torch.stack([k, v])
-    dkv = None
-    for step in range(ring.size):
+    kv_exchange.start(kv)
+    dq, dk, dv = kernel.backward(dout, q, k, v, out, lse, causal, scale)
+    dq = dq.to(acc)
+    dkv_exchange.start(torch.stack([dk, dv]).to(acc))
+    for step in range(1, ring.size):
+        kv = kv_exchange.wait()
         if step + 1 < ring.size:
             kv_exchange.start(kv)
         task = block_task(ring.impl, causal, ring.rank, (ring.rank - step) % ring.size, s)
-        dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)
         if task is not None:
             rows = task.q_rows
             block_dq, block_dk, block_dv = kernel.backward(
@@ -94,16 +102,13 @@ def ring_backward(
                 out[:, rows], lse[:, :, rows], task.causal, scale,
             )
             dq[:, rows] += block_dq
+        # The gradient of the block held now, summed over the ranks that held it before.
+        dkv = dkv_exchange.wait()
+        if task is not None:
             dkv[0][:, task.kv_rows] += block_dk
             dkv[1][:, task.kv_rows] += block_dv
-        if ring.size > 1:
-            if step > 0:
-                dkv += dkv_exchange.wait()
-            dkv_exchange.start(dkv)
-        if step + 1 < ring.size:
-            kv = kv_exchange.wait()
-    if ring.size > 1:
-        dkv = dkv_exchange.wait()
+        dkv_exchange.start(dkv)
+    dkv = dkv_exchange.wait()
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
