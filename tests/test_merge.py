@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from oracle import rel_error
+
 from usp_megatron.ring.merge import merge_by_lse, merge_by_lse_torch
 
 
