@@ -40,6 +40,8 @@ def try_bad_inputs() -> dict[str, str]:
     messages["not 4-D"] = _raises(lambda: attn(x[0], x[0], x[0]))
     messages["unknown impl"] = _raises(lambda: LongContextAttention(groups, ring_impl="spiral"))
     messages["unknown backend"] = _raises(lambda: LongContextAttention(groups, backend="xformers"))
+    messages["head chunks"] = _raises(lambda: LongContextAttention(groups, head_chunks=3)(x, x, x))
+    messages["zero head chunks"] = _raises(lambda: LongContextAttention(groups, head_chunks=0))
     messages["backend on wrong device"] = _raises(
         lambda: LongContextAttention(groups, backend="torch_flash")(x, x, x)
     )

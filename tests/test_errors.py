@@ -19,6 +19,8 @@ EXPECTED = {
     "unknown impl": "ring_impl must be one of \\('basic', 'zigzag', 'stripe'\\), got 'spiral'",
     "unknown backend": "backend must be one of .* got 'xformers'",
     "backend on wrong device": "'torch_flash' cannot run on device cpu",
+    "head chunks": "head_chunks=3 must divide the query heads per rank 2",
+    "zero head chunks": "head_chunks must be a positive integer or None, got 0",
     "still works": "ok",
 }
 

@@ -21,15 +21,17 @@ def factorizations(world_size: int) -> list[tuple[int, int]]:
     return [(u, world_size // u) for u in range(1, world_size + 1) if world_size % u == 0]
 
 
-def head_configs(ulysses: int) -> list[tuple[int, int]]:
-    """MHA, GQA, MQA, and a GQA whose kv heads do not divide by U (needs replication)."""
-    configs = [(8, 8), (8, 2), (8, 1)]
+def head_configs(ulysses: int) -> list[tuple[int, int, int | None]]:
+    """(hq, hkv, head_chunks): MHA with and without chunked all-to-all, GQA, MQA, and a GQA
+    whose kv heads do not divide by U (needs replication)."""
+    configs = [(8, 8, None), (8, 8, 1), (8, 2, None), (8, 1, None)]
     if 12 % ulysses == 0:
-        configs.append((12, 6))
-    return [(hq, hkv) for hq, hkv in configs if hq % ulysses == 0]
+        configs.append((12, 6, None))
+    return [config for config in configs if config[0] % ulysses == 0]
 
 
-def run_case(groups, impl, causal, hq, hkv, device, dtype, backend, seq_per_rank, head_dim):
+def run_case(groups, impl, causal, heads, device, dtype, backend, seq_per_rank, head_dim):
+    hq, hkv, head_chunks = heads
     cp = groups.cp_size
     seq_len = seq_per_rank * cp
     gen = torch.Generator().manual_seed(1234 + 7 * hq + hkv + 31 * cp + int(causal))
@@ -45,7 +47,7 @@ def run_case(groups, impl, causal, hq, hkv, device, dtype, backend, seq_per_rank
         return shard_sequence(t, 1, groups, impl).to(dtype=dtype)
 
     mine = [local(t).requires_grad_() for t in (q, k, v)]
-    attn = LongContextAttention(groups, ring_impl=impl, backend=backend)
+    attn = LongContextAttention(groups, ring_impl=impl, backend=backend, head_chunks=head_chunks)
     out = attn(*mine, causal=causal)
     out.backward(local(dout))
     return {
@@ -71,12 +73,12 @@ def run_all_cases(
     results = []
     for ulysses, ring in factorizations(dist.get_world_size()):
         groups = init_usp_groups(ulysses, ring)
-        for impl, causal, (hq, hkv) in itertools.product(
+        for impl, causal, heads in itertools.product(
             RING_IMPLS, (True, False), head_configs(ulysses)
         ):
             errors = run_case(
-                groups, impl, causal, hq, hkv, device, dtype, backend, seq_per_rank, head_dim
+                groups, impl, causal, heads, device, dtype, backend, seq_per_rank, head_dim
             )
-            case = f"U{ulysses}xR{ring} {impl} causal={causal} hq={hq} hkv={hkv} {backend}"
+            case = f"U{ulysses}xR{ring} {impl} causal={causal} (hq, hkv, chunks)={heads} {backend}"
             results.append((case, errors))
     return results

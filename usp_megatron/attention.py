@@ -5,6 +5,10 @@ and all heads. The all-to-all over the ulysses group trades heads for sequence, 
 rank holds ``hq / U`` heads of its ring block (``S / R`` tokens); ring attention over the
 ring group computes those heads over the whole sequence; the all-to-all back restores
 the local shard with all heads.
+
+The heads go through in ``head_chunks`` independent chunks, all all-to-alls started up
+front: chunk ``c + 1`` travels while chunk ``c`` computes, and chunk ``c``'s output travels
+back while chunk ``c + 1`` computes. The backward mirrors this with the gradients.
 """
 
 from __future__ import annotations
@@ -14,11 +18,19 @@ import math
 import torch
 from torch import nn
 
-from usp_megatron.comm import UlyssesAllToAll
+from usp_megatron.comm import (
+    GatherLayout,
+    all_to_all_start,
+    pack_heads_to_seq,
+    pack_seq_to_heads,
+    split_heads,
+    unpack_heads_to_seq,
+    unpack_seq_to_heads,
+)
 from usp_megatron.groups import USPGroups
 from usp_megatron.kernels import check_backend, get_kernel
 from usp_megatron.layout import check_ring_impl, check_seq_len
-from usp_megatron.ring import RingContext, ring_attention
+from usp_megatron.ring import RingContext, ring_attention, ring_backward, ring_forward
 
 
 def kv_heads_for_ulysses(num_q_heads: int, num_kv_heads: int, ulysses_degree: int) -> int:
@@ -31,20 +43,90 @@ def kv_heads_for_ulysses(num_q_heads: int, num_kv_heads: int, ulysses_degree: in
     return math.lcm(num_kv_heads, ulysses_degree) if num_kv_heads % ulysses_degree else num_kv_heads
 
 
+class _UlyssesPlan:
+    """Everything the pipelined all-to-all + ring needs besides the tensors."""
+
+    def __init__(self, groups: USPGroups, ring: RingContext, ring_impl: str, chunks: int):
+        self.group, self.degree = groups.ulysses_group, groups.ulysses_degree
+        self.layout = GatherLayout(groups.ulysses_degree, ring_impl)
+        self.ring, self.chunks = ring, chunks
+
+
+class _UlyssesRingFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan, kernel, causal, scale, q, k, v):
+        u, n = plan.degree, plan.chunks
+        sends = zip(split_heads(q, u, n), split_heads(k, u, n), split_heads(v, u, n))
+        incoming = [all_to_all_start(pack_seq_to_heads(list(t)), plan.group) for t in sends]
+        heads = [q.shape[2] // (u * n), k.shape[2] // (u * n), v.shape[2] // (u * n)]
+        saved, outgoing = [], []
+        for recv, work in incoming:
+            work.wait()
+            q_r, k_r, v_r = unpack_seq_to_heads(recv, heads, plan.layout)
+            out_r, lse = ring_forward(plan.ring, kernel, q_r, k_r, v_r, causal, scale)
+            saved += [q_r, k_r, v_r, out_r, lse]
+            outgoing.append(all_to_all_start(pack_heads_to_seq([out_r], plan.layout), plan.group))
+        out = q.new_empty(q.shape)
+        for (recv, work), dest in zip(outgoing, split_heads(out, u, n)):
+            work.wait()
+            unpack_heads_to_seq(recv, [dest])
+        ctx.save_for_backward(*saved)
+        ctx.plan, ctx.kernel, ctx.causal, ctx.scale = plan, kernel, causal, scale
+        ctx.shapes = (q.shape, k.shape, v.shape)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        plan, (q_shape, k_shape, v_shape) = ctx.plan, ctx.shapes
+        u, n = plan.degree, plan.chunks
+        saved = ctx.saved_tensors
+        incoming = [
+            all_to_all_start(pack_seq_to_heads([chunk]), plan.group)
+            for chunk in split_heads(dout, u, n)
+        ]
+        outgoing = []
+        for c, (recv, work) in enumerate(incoming):
+            work.wait()
+            (dout_r,) = unpack_seq_to_heads(recv, [q_shape[2] // (u * n)], plan.layout)
+            q_r, k_r, v_r, out_r, lse = saved[5 * c : 5 * c + 5]
+            grads = ring_backward(
+                plan.ring, ctx.kernel, dout_r, q_r, k_r, v_r, out_r, lse, ctx.causal, ctx.scale
+            )
+            send = pack_heads_to_seq(list(grads), plan.layout)
+            outgoing.append(all_to_all_start(send, plan.group))
+        dq, dk, dv = (dout.new_empty(shape) for shape in (q_shape, k_shape, v_shape))
+        destinations = zip(split_heads(dq, u, n), split_heads(dk, u, n), split_heads(dv, u, n))
+        for (recv, work), dest in zip(outgoing, destinations):
+            work.wait()
+            unpack_heads_to_seq(recv, list(dest))
+        return None, None, None, None, dq, dk, dv
+
+
+def default_head_chunks(q_heads_per_rank: int, kv_heads_per_rank: int) -> int:
+    """Up to 4 chunks, as many as both head counts per rank divide into."""
+    return math.gcd(q_heads_per_rank, kv_heads_per_rank, 4)
+
+
 class LongContextAttention(nn.Module):
     """USP attention over ``groups``; inputs and output are this rank's sequence shard."""
 
-    def __init__(self, groups: USPGroups, ring_impl: str = "zigzag", backend: str = "auto"):
+    def __init__(
+        self,
+        groups: USPGroups,
+        ring_impl: str = "zigzag",
+        backend: str = "auto",
+        head_chunks: int | None = None,
+    ):
+        """``head_chunks``: how many pieces the heads go through the all-to-all in, to
+        overlap it with compute (None: up to 4, as the head counts allow; 1: no overlap)."""
         super().__init__()
         check_ring_impl(ring_impl)
         check_backend(backend)
+        if head_chunks is not None and (not isinstance(head_chunks, int) or head_chunks < 1):
+            raise ValueError(f"head_chunks must be a positive integer or None, got {head_chunks!r}")
         self.groups, self.ring_impl, self.backend = groups, ring_impl, backend
+        self.head_chunks = head_chunks
         self.ring = RingContext(groups.ring_group, groups.ring_rank, groups.ring_degree, ring_impl)
-        self.all_to_all = (
-            UlyssesAllToAll(groups.ulysses_group, groups.ulysses_degree, ring_impl)
-            if groups.ulysses_degree > 1
-            else None
-        )
 
     def _check(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         u = self.groups.ulysses_degree
@@ -81,13 +163,18 @@ class LongContextAttention(nn.Module):
         self._check(q, k, v)
         kernel = get_kernel(self.backend, q.device, q.dtype)
         scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-        if self.all_to_all is None:
+        u = self.groups.ulysses_degree
+        if u == 1:
             return ring_attention(self.ring, kernel, q, k, v, causal, scale)
-        hkv = kv_heads_for_ulysses(q.shape[2], k.shape[2], self.groups.ulysses_degree)
+        hkv = kv_heads_for_ulysses(q.shape[2], k.shape[2], u)
         if hkv != k.shape[2]:
             repeat = hkv // k.shape[2]
             k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
-        q, k, v = self.all_to_all.seq_to_heads(q, k, v)
-        out = ring_attention(self.ring, kernel, q, k, v, causal, scale)
-        (out,) = self.all_to_all.heads_to_seq(out)
-        return out
+        chunks = self.head_chunks or default_head_chunks(q.shape[2] // u, hkv // u)
+        if (q.shape[2] // u) % chunks or (hkv // u) % chunks:
+            raise ValueError(
+                f"head_chunks={chunks} must divide the query heads per rank {q.shape[2] // u} "
+                f"and the key/value heads per rank {hkv // u}"
+            )
+        plan = _UlyssesPlan(self.groups, self.ring, self.ring_impl, chunks)
+        return _UlyssesRingFunction.apply(plan, kernel, causal, scale, q, k, v)

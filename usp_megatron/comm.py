@@ -3,7 +3,8 @@
 All-to-all: ``[b, s_local, h, d]`` on each of ``U`` ranks becomes ``[b, U * s_local, h/U, d]``
 (scatter heads, gather sequence) and back. Query, key and value travel in ONE all-to-all
 (packed along heads), and the gathered pieces are put in ring-block position order by the
-same copy that the all-to-all needs anyway (see ``layout.gather_piece_order``).
+same copy that the all-to-all needs anyway (see ``layout.gather_piece_order``). The pack /
+unpack halves are separate so that the caller can overlap chunks of heads with compute.
 
 Ring: ``RingExchange.start(t)`` sends ``t`` to the next ring rank and receives the previous
 rank's tensor with ``batch_isend_irecv``; ``wait()`` returns it. The caller computes in
@@ -51,7 +52,7 @@ class RingExchange:
         return incoming
 
 
-class _Layout:
+class GatherLayout:
     """How the gathered pieces of one all-to-all are ordered into the ring block."""
 
     def __init__(self, ulysses_degree: int, ring_impl: str) -> None:
@@ -61,22 +62,36 @@ class _Layout:
         self.order = gather_piece_order(ulysses_degree, ring_impl)
 
 
-def _seq_to_heads(
-    tensors: list[torch.Tensor], group: ProcessGroup, layout: _Layout
-) -> list[torch.Tensor]:
-    """[b, s, h_i, d] each -> [b, U*s, h_i/U, d] each, in ring-block order, in one all-to-all."""
-    u, k = layout.degree, layout.pieces
-    b, s, _, d = tensors[0].shape
-    heads = [t.shape[2] // u for t in tensors]
+def split_heads(x: torch.Tensor, ulysses_degree: int, chunks: int) -> list[torch.Tensor]:
+    """[b, s, h, d] -> ``chunks`` views [b, s, U, h/(U*chunks), d]: what each all-to-all sends.
+
+    Chunk ``c`` holds, for every destination rank ``u``, the ``c``-th part of the heads that
+    rank ``u`` owns after the all-to-all, so each chunk is an independent all-to-all.
+    """
+    b, s, h, d = x.shape
+    parts = x.reshape(b, s, ulysses_degree, chunks, h // (ulysses_degree * chunks), d)
+    return [parts[:, :, :, c] for c in range(chunks)]
+
+
+def pack_seq_to_heads(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Views [b, s, U, h_i, d] -> one send buffer [U, b, s, sum h_i, d]."""
+    b, s, u, _, d = tensors[0].shape
+    heads = [t.shape[3] for t in tensors]
     send = torch.empty(u, b, s, sum(heads), d, dtype=tensors[0].dtype, device=tensors[0].device)
     start = 0
     for t, h in zip(tensors, heads):
-        send[..., start : start + h, :].copy_(t.reshape(b, s, u, h, d).permute(2, 0, 1, 3, 4))
+        send[..., start : start + h, :].copy_(t.permute(2, 0, 1, 3, 4))
         start += h
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    # recv: [U (source rank), b, s, H, d]; one cat per tensor puts the pieces in order.
-    pieces = recv.view(u, b, k, s // k, sum(heads), d)
+    return send
+
+
+def unpack_seq_to_heads(
+    recv: torch.Tensor, heads: list[int], layout: GatherLayout
+) -> list[torch.Tensor]:
+    """Received [U (source rank), b, s, H, d] -> [b, U*s, h_i, d] each, in ring-block order."""
+    u, b, s, total, d = recv.shape
+    k = layout.pieces
+    pieces = recv.view(u, b, k, s // k, total, d)
     outs, start = [], 0
     for h in heads:
         slots = [pieces[src // k, :, src % k, :, start : start + h] for src in layout.order]
@@ -85,10 +100,8 @@ def _seq_to_heads(
     return outs
 
 
-def _heads_to_seq(
-    tensors: list[torch.Tensor], group: ProcessGroup, layout: _Layout
-) -> list[torch.Tensor]:
-    """Inverse of :func:`_seq_to_heads`: [b, U*s, h_i/U, d] each -> [b, s, h_i, d] each."""
+def pack_heads_to_seq(tensors: list[torch.Tensor], layout: GatherLayout) -> torch.Tensor:
+    """[b, U*s, h_i, d] each (ring-block order) -> one send buffer [U, b, s, sum h_i, d]."""
     u, k = layout.degree, layout.pieces
     b, s_full, _, d = tensors[0].shape
     s = s_full // u
@@ -101,50 +114,20 @@ def _heads_to_seq(
         for slot, src in enumerate(layout.order):
             send_pieces[src // k, :, src % k, :, start : start + h].copy_(slots[:, slot])
         start += h
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    # recv: [U (head group), b, s, H, d] -> [b, s, U * h_i, d]
-    outs, start = [], 0
-    for h in heads:
-        part = recv[..., start : start + h, :].permute(1, 2, 0, 3, 4)
-        outs.append(part.reshape(b, s, u * h, d))
+    return send
+
+
+def unpack_heads_to_seq(recv: torch.Tensor, destinations: list[torch.Tensor]) -> None:
+    """Received [U (head group), b, s, H, d] -> copied into views [b, s, U, h_i, d]."""
+    start = 0
+    for dest in destinations:
+        h = dest.shape[3]
+        dest.copy_(recv[..., start : start + h, :].permute(1, 2, 0, 3, 4))
         start += h
-    return outs
 
 
-class _SeqToHeads(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, group, layout, *tensors):
-        ctx.group, ctx.layout = group, layout
-        return tuple(_seq_to_heads(list(tensors), group, layout))
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return (None, None, *_heads_to_seq(list(grads), ctx.group, ctx.layout))
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, group, layout, *tensors):
-        ctx.group, ctx.layout = group, layout
-        return tuple(_heads_to_seq(list(tensors), group, layout))
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return (None, None, *_seq_to_heads(list(grads), ctx.group, ctx.layout))
-
-
-class UlyssesAllToAll:
-    """Scatter heads / gather sequence over a ulysses group, and back, with autograd."""
-
-    def __init__(self, group: ProcessGroup, ulysses_degree: int, ring_impl: str) -> None:
-        self.group = group
-        self.layout = _Layout(ulysses_degree, ring_impl)
-
-    def seq_to_heads(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Each ``[b, s_local, h_i, d]`` -> ``[b, U * s_local, h_i / U, d]`` (ring-block order)."""
-        return _SeqToHeads.apply(self.group, self.layout, *tensors)
-
-    def heads_to_seq(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Each ``[b, U * s_local, h_i / U, d]`` -> ``[b, s_local, h_i, d]`` (local order)."""
-        return _HeadsToSeq.apply(self.group, self.layout, *tensors)
+def all_to_all_start(send: torch.Tensor, group: ProcessGroup) -> tuple[torch.Tensor, object]:
+    """Start an all-to-all over dim 0 of ``send``; returns (receive buffer, work to wait on)."""
+    recv = torch.empty_like(send)
+    work = dist.all_to_all_single(recv, send, group=group, async_op=True)
+    return recv, work
