@@ -103,8 +103,9 @@ class _UlyssesRingFunction(torch.autograd.Function):
 
 
 def default_head_chunks(q_heads_per_rank: int, kv_heads_per_rank: int) -> int:
-    """Up to 4 chunks, as many as both head counts per rank divide into."""
-    return math.gcd(q_heads_per_rank, kv_heads_per_rank, 4)
+    """Two chunks where both head counts per rank allow (measured best on 4 H100s for
+    forward+backward at 32K-128K tokens; four was slower, docs/benchmarks.md)."""
+    return math.gcd(q_heads_per_rank, kv_heads_per_rank, 2)
 
 
 class LongContextAttention(nn.Module):
@@ -118,7 +119,7 @@ class LongContextAttention(nn.Module):
         head_chunks: int | None = None,
     ):
         """``head_chunks``: how many pieces the heads go through the all-to-all in, to
-        overlap it with compute (None: up to 4, as the head counts allow; 1: no overlap)."""
+        overlap it with compute (None: 2 where the head counts allow; 1: no overlap)."""
         super().__init__()
         check_ring_impl(ring_impl)
         check_backend(backend)
