@@ -1,0 +1,34 @@
+"""The attention benchmark runs end to end on CPU processes and its USP rows are correct.
+
+A smoke run (gloo, float32, the reference kernel, tiny shapes): it keeps the benchmark
+script working between GPU runs. Timings are not looked at.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_smoke_on_cpu(tmp_path):
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(REPO / "benchmarks" / "bench_attention.py"), "--device", "cpu", "--seqlens", "256",
+        "--heads", "4", "--head-dim", "16", "--gqa", "both", "--warmup", "1", "--iters", "1",
+        "--peers", "none", "--out", str(tmp_path),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    records = json.loads((tmp_path / "bench.json").read_text())["records"]
+    ours = [r for r in records if r["family"] == "usp"]
+    # 2 configs x 3 impls x 2 modes x 2 head layouts
+    assert len(ours) == 24, [r["label"] for r in ours]
+    for record in ours:
+        assert record["status"] == "ok", record
+        errors = [record["err_out"]]
+        if record["mode"] == "fwdbwd":
+            errors += [record["err_dq"], record["err_dk"], record["err_dv"]]
+        assert max(errors) < 1e-5, record
+    assert (tmp_path / "bench.png").stat().st_size > 0
