@@ -10,10 +10,13 @@ from __future__ import annotations
 import importlib.util
 
 import torch
+from torch import Tensor
 
 from usp_megatron.kernels.base import check_block
 
 _HALF = (torch.float16, torch.bfloat16)
+Pair = tuple[Tensor, Tensor]
+Triple = tuple[Tensor, Tensor, Tensor]
 
 
 def flash_attn_importable() -> bool:
@@ -26,7 +29,7 @@ class FlashAttnKernel:
     def available(self, device: torch.device, dtype: torch.dtype) -> bool:
         return device.type == "cuda" and dtype in _HALF and flash_attn_importable()
 
-    def forward(self, q, k, v, causal: bool, scale: float):
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Pair:
         check_block(q, k, v, causal)
         from flash_attn.flash_attn_interface import _flash_attn_forward
 
@@ -37,7 +40,10 @@ class FlashAttnKernel:
         )
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, causal: bool, scale: float):
+    def backward(
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+        causal: bool, scale: float,
+    ) -> Triple:
         from flash_attn.flash_attn_interface import _flash_attn_backward
 
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

@@ -9,18 +9,18 @@ copy). cuDNN is the fastest on H100 (docs/benchmarks.md), then flash, then effic
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from usp_megatron.kernels.base import check_block, expand_kv_heads, reduce_kv_heads
+from usp_megatron.kernels.base import AttentionKernel, check_block, expand_kv_heads, reduce_kv_heads
 
 aten = torch.ops.aten
 _HALF = (torch.float16, torch.bfloat16)
+Pair = tuple[Tensor, Tensor]
+Triple = tuple[Tensor, Tensor, Tensor]
 
 
-def _bhsd(x: torch.Tensor) -> torch.Tensor:
-    return x.transpose(1, 2)
-
-
-def _bshd(x: torch.Tensor) -> torch.Tensor:
+def _t(x: torch.Tensor) -> torch.Tensor:
+    """[b, s, h, d] <-> [b, h, s, d], a view."""
     return x.transpose(1, 2)
 
 
@@ -36,20 +36,23 @@ class FlashSDPAKernel:
     def available(self, device: torch.device, dtype: torch.dtype) -> bool:
         return device.type == "cuda" and dtype in _HALF
 
-    def forward(self, q, k, v, causal: bool, scale: float):
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Pair:
         check_block(q, k, v, causal)
         out, lse, *_ = aten._scaled_dot_product_flash_attention(
-            _bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, False, scale=scale
+            _t(q), _t(k), _t(v), 0.0, causal, False, scale=scale
         )
-        return _bshd(out), lse
+        return _t(out), lse
 
-    def backward(self, dout, q, k, v, out, lse, causal: bool, scale: float):
+    def backward(
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+        causal: bool, scale: float,
+    ) -> Triple:
         sq, sk = q.shape[1], k.shape[1]
         dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
-            _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse.contiguous(),
+            _t(dout), _t(q), _t(k), _t(v), _t(out), lse.contiguous(),
             None, None, sq, sk, 0.0, causal, _empty(q.device), _empty(q.device), scale=scale,
         )
-        return _bshd(dq), _bshd(dk), _bshd(dv)
+        return _t(dq), _t(dk), _t(dv)
 
 
 class CudnnSDPAKernel:
@@ -62,21 +65,24 @@ class CudnnSDPAKernel:
             return False
         return torch.cuda.get_device_capability(device) >= (8, 0)
 
-    def forward(self, q, k, v, causal: bool, scale: float):
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Pair:
         check_block(q, k, v, causal)
         out, lse, *_ = aten._scaled_dot_product_cudnn_attention(
-            _bhsd(q), _bhsd(k), _bhsd(v), None, True, 0.0, causal, False, scale=scale
+            _t(q), _t(k), _t(v), None, True, 0.0, causal, False, scale=scale
         )
-        return _bshd(out), lse.reshape(lse.shape[:3])
+        return _t(out), lse.reshape(lse.shape[:3])
 
-    def backward(self, dout, q, k, v, out, lse, causal: bool, scale: float):
+    def backward(
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+        causal: bool, scale: float,
+    ) -> Triple:
         sq, sk = q.shape[1], k.shape[1]
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
-            _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out),
+            _t(dout), _t(q), _t(k), _t(v), _t(out),
             lse.contiguous().unsqueeze(-1), _empty(q.device), _empty(q.device), None,
             None, None, sq, sk, 0.0, causal, scale=scale,
         )
-        return _bshd(dq), _bshd(dk), _bshd(dv)
+        return _t(dq), _t(dk), _t(dv)
 
 
 class EfficientSDPAKernel:
@@ -91,27 +97,30 @@ class EfficientSDPAKernel:
     def available(self, device: torch.device, dtype: torch.dtype) -> bool:
         return device.type == "cuda" and dtype in (*_HALF, torch.float32)
 
-    def forward(self, q, k, v, causal: bool, scale: float):
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Pair:
         check_block(q, k, v, causal)
         hq = q.shape[2]
         out, lse, *_ = aten._scaled_dot_product_efficient_attention(
-            _bhsd(q), _bhsd(expand_kv_heads(k, hq)), _bhsd(expand_kv_heads(v, hq)),
+            _t(q), _t(expand_kv_heads(k, hq)), _t(expand_kv_heads(v, hq)),
             None, True, 0.0, causal, scale=scale,
         )
-        return _bshd(out), lse[:, :, : q.shape[1]]
+        return _t(out), lse[:, :, : q.shape[1]]
 
-    def backward(self, dout, q, k, v, out, lse, causal: bool, scale: float):
+    def backward(
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+        causal: bool, scale: float,
+    ) -> Triple:
         hq, hkv, sq = q.shape[2], k.shape[2], q.shape[1]
         padded = torch.full(
             (*lse.shape[:2], -(-sq // 32) * 32), float("inf"), dtype=lse.dtype, device=lse.device
         )
         padded[:, :, :sq] = lse
         dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-            _bhsd(dout), _bhsd(q), _bhsd(expand_kv_heads(k, hq)), _bhsd(expand_kv_heads(v, hq)),
-            None, _bhsd(out), padded, _empty(q.device), _empty(q.device), 0.0,
+            _t(dout), _t(q), _t(expand_kv_heads(k, hq)), _t(expand_kv_heads(v, hq)),
+            None, _t(out), padded, _empty(q.device), _empty(q.device), 0.0,
             [True, True, True, False], causal, scale=scale,
         )
-        return _bshd(dq), reduce_kv_heads(_bshd(dk), hkv), reduce_kv_heads(_bshd(dv), hkv)
+        return _t(dq), reduce_kv_heads(_t(dk), hkv), reduce_kv_heads(_t(dv), hkv)
 
 
 class TorchSDPAKernel:
@@ -122,7 +131,7 @@ class TorchSDPAKernel:
     def __init__(self) -> None:
         self._choices = (CudnnSDPAKernel(), FlashSDPAKernel(), EfficientSDPAKernel())
 
-    def pick(self, device: torch.device, dtype: torch.dtype):
+    def pick(self, device: torch.device, dtype: torch.dtype) -> AttentionKernel:
         for kernel in self._choices:
             if kernel.available(device, dtype):
                 return kernel
@@ -134,8 +143,11 @@ class TorchSDPAKernel:
     def available(self, device: torch.device, dtype: torch.dtype) -> bool:
         return any(k.available(device, dtype) for k in self._choices)
 
-    def forward(self, q, k, v, causal: bool, scale: float):
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Pair:
         return self.pick(q.device, q.dtype).forward(q, k, v, causal, scale)
 
-    def backward(self, dout, q, k, v, out, lse, causal: bool, scale: float):
+    def backward(
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+        causal: bool, scale: float,
+    ) -> Triple:
         return self.pick(q.device, q.dtype).backward(dout, q, k, v, out, lse, causal, scale)
