@@ -6,8 +6,8 @@ bf16, PyTorch's kernels, tolerance 1e-2 (bf16 inputs and outputs, float32 mergin
 
 import pytest
 import torch
-
 from usp_cases import run_all_cases
+
 from usp_megatron.testing import run_distributed
 
 

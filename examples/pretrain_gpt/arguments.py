@@ -1,0 +1,102 @@
+"""Flags of the GPT pretraining driver: Megatron-LM's names, plus the plugin's ``--usp-*``.
+
+Defaults are the CPU demo: a tiny model that trains in a couple of minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from usp_megatron.megatron import add_usp_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
+    model = parser.add_argument_group("model")
+    model.add_argument("--num-layers", type=int, default=2)
+    model.add_argument("--hidden-size", type=int, default=64)
+    model.add_argument("--num-attention-heads", type=int, default=8)
+    model.add_argument(
+        "--num-query-groups", type=int, default=None, help="key/value heads (GQA); default MHA"
+    )
+    model.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 x hidden")
+    model.add_argument("--seq-length", type=int, default=128)
+    model.add_argument(
+        "--position-embedding-type", choices=("rope", "learned_absolute"), default="rope"
+    )
+    model.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"), default="LayerNorm")
+    model.add_argument("--attention-dropout", type=float, default=0.0)
+    model.add_argument("--hidden-dropout", type=float, default=0.0)
+    model.add_argument(
+        "--megatron-attention",
+        action="store_true",
+        help="Megatron's own DotProductAttention instead of USP's (context-parallel size 1 "
+        "only): an independent reference for loss parity",
+    )
+
+    parallel = parser.add_argument_group("parallelism")
+    parallel.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    parallel.add_argument(
+        "--context-parallel-size", type=int, default=1, help="set by the --usp-* degrees"
+    )
+    parallel.add_argument("--use-distributed-optimizer", action="store_true")
+    add_usp_args(parser)
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--micro-batch-size", type=int, default=1)
+    train.add_argument("--global-batch-size", type=int, default=8)
+    train.add_argument("--train-iters", type=int, default=60)
+    train.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    train.add_argument("--lr", type=float, default=3e-3)
+    train.add_argument("--min-lr", type=float, default=3e-4)
+    train.add_argument("--lr-warmup-iters", type=int, default=3)
+    train.add_argument(
+        "--lr-decay-iters", type=int, default=None, help="cosine decay length; default: all"
+    )
+    train.add_argument("--weight-decay", type=float, default=0.01)
+    train.add_argument("--clip-grad", type=float, default=1.0)
+    train.add_argument("--seed", type=int, default=1234)
+    train.add_argument("--bf16", action="store_true", help="bf16 model, float32 main weights")
+    train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    train.add_argument("--log-interval", type=int, default=1)
+
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data-path",
+        default=None,
+        help="prefix of a Megatron .bin/.idx dataset (byte-level or GPT-2 tokens, see "
+        "--vocab-size); default: the embedded pydoc corpus, written on first run",
+    )
+    data.add_argument("--data-cache-path", default="runs/data", help="corpus and index cache")
+    data.add_argument(
+        "--vocab-size", type=int, default=None, help="tokens of --data-path (default: bytes)"
+    )
+
+    ckpt = parser.add_argument_group("checkpointing")
+    ckpt.add_argument("--save", default=None, help="directory to save checkpoints in")
+    ckpt.add_argument("--save-interval", type=int, default=None)
+    ckpt.add_argument("--load", default=None, help="directory to resume from (latest)")
+    ckpt.add_argument("--history-json", default=None, help="write per-iteration metrics")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.ffn_hidden_size is None:
+        args.ffn_hidden_size = 4 * args.hidden_size
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if args.lr_warmup_iters >= args.lr_decay_iters:
+        raise ValueError(
+            f"--lr-warmup-iters {args.lr_warmup_iters} must be below --lr-decay-iters "
+            f"(default --train-iters) {args.lr_decay_iters}"
+        )
+    args.hierarchical_context_parallel_sizes = None  # set from the --usp-* degrees
+    if args.num_query_groups is None:
+        args.num_query_groups = args.num_attention_heads
+    if args.save is not None and args.use_distributed_optimizer:
+        raise ValueError(
+            "this driver saves plain per-rank checkpoints: drop --use-distributed-optimizer "
+            "or --save"
+        )
+    return args

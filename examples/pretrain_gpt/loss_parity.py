@@ -1,0 +1,194 @@
+"""Loss parity: the same model, data and seed trained with data parallelism only and with
+USP layouts; per-step loss and gradient norm must agree.
+
+    python examples/pretrain_gpt/loss_parity.py              # CPU, float32, CI-sized
+    python examples/pretrain_gpt/loss_parity.py --world-size 4 --configs U2R2-zigzag \
+        --models mha --rtol 2e-2 --smooth 10 --baseline-attention usp \
+        --out docs/loss_parity_gpu_bf16 -- --device cuda --bf16 --optimizer adam ...
+
+A configuration is ``[TP<t>-]U<u>R<r>-<impl>`` (e.g. ``U2R2-stripe``, ``TP2-U2R1-zigzag``);
+the baseline is ``DP``: every rank a data-parallel replica. All runs share one world of
+processes (gloo on CPU, NCCL on GPUs). Writes ``<out>.json`` and ``<out>.png``; exits 1
+when any step differs by more than ``--rtol``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+from arguments import parse_args
+from training import train, use_cuda
+
+from usp_megatron.testing import run_distributed
+
+DEFAULT_CONFIGS = (
+    "U4R1-zigzag,U2R2-basic,U2R2-zigzag,U2R2-stripe,U1R4-zigzag,U1R4-stripe,TP2-U2R1-zigzag"
+)
+MODELS = {"mha": [], "gqa": ["--num-query-groups", "2"]}
+# Small enough for CI on 2 cores (the driver's own defaults are the CPU demo). SGD, because
+# Adam's first steps move every weight by about +-lr whatever its gradient's size, so a
+# gradient entry that is pure float32 rounding noise (it cancels to ~0) gets a full step
+# of random sign: two correct runs then differ by ~1e-6 in gradient norm. SGD keeps the
+# comparison about the parallel layout. Pass "-- --optimizer adam" to see it with Adam.
+QUICK = [
+    "--train-iters", "6", "--seq-length", "64", "--global-batch-size", "8",
+    "--optimizer", "sgd", "--lr", "0.1", "--lr-warmup-iters", "1", "--log-interval", "1000",
+]  # fmt: skip
+_CONFIG = re.compile(r"^(?:TP(\d+)-)?U(\d+)R(\d+)-(basic|zigzag|stripe)$")
+
+
+def config_flags(name: str, baseline_attention: str) -> list[str]:
+    """Driver flags of one configuration name."""
+    if name == "DP":
+        return ["--megatron-attention"] if baseline_attention == "megatron" else []
+    match = _CONFIG.match(name)
+    if match is None:
+        raise ValueError(
+            f"configuration {name!r} is not DP or [TP<t>-]U<u>R<r>-<basic|zigzag|stripe>"
+        )
+    tp, u, r, impl = match.groups()
+    return [
+        "--tensor-model-parallel-size", tp or "1",
+        "--usp-ulysses-degree", u, "--usp-ring-degree", r, "--usp-ring-impl", impl,
+    ]  # fmt: skip
+
+
+def run_world(runs: list[tuple[str, list[str]]]) -> dict[str, list[dict]]:
+    """Every run in this world, grouped so each parallel layout is built once."""
+    histories = {}
+    for name, argv in sorted(runs, key=lambda run: run[0].split("/")[1]):
+        histories[name] = train(parse_args(argv))
+    return histories
+
+
+def rel_diff(a: list[float], b: list[float]) -> list[float]:
+    return [abs(x - y) / max(abs(y), 1e-30) for x, y in zip(a, b, strict=True)]
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over ``window`` steps (bf16 curves agree as curves, not step by step)."""
+    return [sum(values[max(0, i + 1 - window) : i + 1]) / min(window, i + 1)
+            for i in range(len(values))]  # fmt: skip
+
+
+def compare(
+    histories: dict[str, list[dict]], models: list[str], configs: list[str], smooth: int = 1
+) -> dict:
+    report = {}
+    for model in models:
+        base = histories[f"{model}/DP"]
+        for config in configs:
+            run = histories[f"{model}/{config}"]
+            entry = {"config": config, "model": model}
+            for key in ("loss", "grad_norm"):
+                ours, theirs = [h[key] for h in run], [h[key] for h in base]
+                entry[key] = ours
+                entry[f"baseline_{key}"] = theirs
+                entry[f"max_rel_{key}"] = max(
+                    rel_diff(moving_average(ours, smooth), moving_average(theirs, smooth))
+                )
+            report[f"{model}/{config}"] = entry
+    return report
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    baselines_drawn = set()
+    for name, entry in report.items():
+        steps = range(1, len(entry["loss"]) + 1)
+        if entry["model"] not in baselines_drawn:
+            baselines_drawn.add(entry["model"])
+            axes[0].plot(steps, entry["baseline_loss"], "k-", lw=3, alpha=0.3,
+                         label=f"{entry['model']}/DP")  # fmt: skip
+            axes[1].plot(steps, entry["baseline_grad_norm"], "k-", lw=3, alpha=0.3)
+        axes[0].plot(steps, entry["loss"], lw=1, label=name)
+        axes[1].plot(steps, entry["grad_norm"], lw=1)
+        axes[2].semilogy(steps, [max(d, 1e-12) for d in rel_diff(entry["loss"],
+                         entry["baseline_loss"])], lw=1)  # fmt: skip
+    axes[0].set(title="loss", xlabel="iteration")
+    axes[1].set(title="gradient norm", xlabel="iteration")
+    axes[2].set(title="|loss - DP loss| / DP loss", xlabel="iteration")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--world-size", type=int, default=4)
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated")
+    parser.add_argument("--models", default="mha,gqa", help=f"comma-separated of {list(MODELS)}")
+    parser.add_argument("--rtol", type=float, default=1e-6)
+    parser.add_argument(
+        "--smooth", type=int, default=1, help="compare trailing means over this many steps"
+    )
+    parser.add_argument(
+        "--baseline-attention",
+        choices=("megatron", "usp"),
+        default="megatron",
+        help="the DP run's core attention: Megatron's DotProductAttention (an independent "
+        "reference) or USP's at context-parallel size 1 (same kernel, e.g. for bf16 GPUs)",
+    )
+    parser.add_argument("--out", default="runs/loss_parity", help="writes OUT.json, OUT.png")
+    parser.add_argument("driver_args", nargs="*", help="after --: flags for every run")
+    opts = parser.parse_args()
+    configs = [c for c in opts.configs.split(",") if c]
+    models = [m for m in opts.models.split(",") if m]
+    for model in models:
+        if model not in MODELS:
+            raise ValueError(f"model {model!r} is not one of {list(MODELS)}")
+    common = QUICK + ["--data-cache-path", "runs/data"] + opts.driver_args
+    runs = [
+        (
+            f"{model}/{config}",
+            common + MODELS[model] + config_flags(config, opts.baseline_attention),
+        )
+        for model in models
+        for config in ["DP", *configs]
+    ]
+    for _, argv in runs:
+        parse_args(argv)  # bad flags fail here, before any process starts
+    cuda = use_cuda(parse_args(common))
+    histories = run_distributed(
+        opts.world_size, run_world, runs, backend="nccl" if cuda else "gloo", timeout_s=3600
+    )[0]
+    report = compare(histories, models, configs, opts.smooth)
+    out = Path(opts.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    failed = []
+    print(f"{'run':<28} {'max rel loss':>14} {'max rel grad norm':>18}")
+    for name, entry in report.items():
+        ok = entry["max_rel_loss"] <= opts.rtol and entry["max_rel_grad_norm"] <= opts.rtol
+        entry["ok"] = ok
+        if not ok:
+            failed.append(name)
+        print(f"{name:<28} {entry['max_rel_loss']:>14.2e} {entry['max_rel_grad_norm']:>18.2e}"
+              f"  {'ok' if ok else 'MISMATCH'}")  # fmt: skip
+    summary = {"rtol": opts.rtol, "smooth": opts.smooth, "world_size": opts.world_size,
+               "common_args": common, "baseline_attention": opts.baseline_attention,
+               "runs": report}  # fmt: skip
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    plot(report, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    if failed:
+        print(f"loss parity FAILED (rtol {opts.rtol}): {', '.join(failed)}", file=sys.stderr)
+        return 1
+    print(f"loss parity ok: {len(report)} runs within rtol {opts.rtol} of data parallelism")
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    sys.exit(main())

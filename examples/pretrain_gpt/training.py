@@ -1,0 +1,260 @@
+"""Build and train a GPT with megatron-core alone: GPTModel, its DDP, optimizer, schedule.
+
+``train(args)`` runs in a process whose ``torch.distributed`` is up (torchrun, or the
+loss-parity world) and returns the per-iteration metrics. On CPU the project's shim lets
+the same code run on gloo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from checkpoint import load_checkpoint, save_checkpoint
+from data import build_dataset, micro_batches, tokenizer_for
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from usp_megatron.megatron import (
+    apply_usp_args,
+    get_batch_on_this_usp_rank,
+    get_gpt_layer_usp_spec,
+    install_cpu_shim,
+    use_usp_rotary_embedding,
+    validate_usp_args,
+)
+from usp_megatron.megatron.arguments import usp_enabled
+
+_LAYOUT: tuple | None = None
+
+
+def use_cuda(args: argparse.Namespace) -> bool:
+    return args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+
+
+def initialize(args: argparse.Namespace) -> None:
+    """Validate the parallel layout and build Megatron's groups for it (once per layout)."""
+    global _LAYOUT
+    if not use_cuda(args):
+        install_cpu_shim(force=True)
+    apply_usp_args(args)
+    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
+    if dist.get_world_size() % (tp * cp):
+        raise ValueError(
+            f"world size {dist.get_world_size()} is not divisible by TP {tp} x CP {cp}"
+        )
+    args.data_parallel_size = dist.get_world_size() // (tp * cp)
+    if args.global_batch_size % (args.micro_batch_size * args.data_parallel_size):
+        raise ValueError(
+            f"--global-batch-size {args.global_batch_size} must be a multiple of "
+            f"--micro-batch-size {args.micro_batch_size} x data-parallel size "
+            f"{args.data_parallel_size}"
+        )
+    if args.megatron_attention and cp > 1:
+        raise ValueError("--megatron-attention needs context-parallel size 1 (no --usp-* degrees)")
+    validate_usp_args(args)
+    hierarchical = [args.usp_ulysses_degree, args.usp_ring_degree] if usp_enabled(args) else None
+    layout = (tp, cp, tuple(hierarchical or ()))
+    if layout != _LAYOUT:
+        ps.destroy_model_parallel()
+        ps._HIERARCHICAL_CONTEXT_PARALLEL_GROUPS = None  # destroy_model_parallel keeps them
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=tp,
+            context_parallel_size=cp,
+            hierarchical_context_parallel_sizes=hierarchical,
+            create_gloo_process_groups=False,
+        )
+        _LAYOUT = layout
+    torch.manual_seed(args.seed)
+    model_parallel_cuda_manual_seed(args.seed)
+
+
+def padded_vocab_size(args: argparse.Namespace) -> int:
+    """Padded to a multiple of 128 that TP divides: the same model for every TP size."""
+    multiple = math.lcm(128, args.tensor_model_parallel_size)
+    return math.ceil(tokenizer_for(args).vocab_size / multiple) * multiple
+
+
+def build_model(args: argparse.Namespace) -> tuple[TransformerConfig, torch.nn.Module]:
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    config = TransformerConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        normalization=args.normalization,
+        attention_dropout=args.attention_dropout,
+        hidden_dropout=args.hidden_dropout,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
+        hierarchical_context_parallel_sizes=args.hierarchical_context_parallel_sizes,
+        bf16=args.bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        calculate_per_token_loss=True,
+        use_cpu_initialization=True,
+    )
+    if args.megatron_attention:
+        spec = get_gpt_layer_local_spec(normalization=args.normalization)
+    else:
+        spec = get_gpt_layer_usp_spec(
+            ring_impl=args.usp_ring_impl,
+            backend=args.usp_attn_backend,
+            normalization=args.normalization,
+        )
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=padded_vocab_size(args),
+        max_sequence_length=args.seq_length,
+        position_embedding_type=args.position_embedding_type,
+    )
+    use_usp_rotary_embedding(model, args.usp_ring_impl)
+    if use_cuda(args):
+        model.cuda(torch.cuda.current_device())
+    if args.bf16:
+        model = Float16Module(config, model)
+    return config, model
+
+
+def _loss(loss_mask: torch.Tensor, output: torch.Tensor):
+    """Summed per-token loss and token count (Megatron's --calculate-per-token-loss)."""
+    losses = output.float().view(-1)
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss.detach(), num_tokens.detach().float()])
+    return loss, num_tokens, {"lm loss": report}
+
+
+def _forward_step(args: argparse.Namespace, data_iterator, model):
+    batch = next(data_iterator)
+    if use_cuda(args):
+        batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+    if args.context_parallel_size > 1:
+        batch = get_batch_on_this_usp_rank(batch, ring_impl=args.usp_ring_impl)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_loss, batch["loss_mask"])
+
+
+def train(args: argparse.Namespace) -> list[dict]:
+    """Train ``args.train_iters`` iterations; returns loss, grad norm and speed per iteration."""
+    initialize(args)
+    config, model = build_model(args)
+    ddp = DistributedDataParallel(
+        config,
+        DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer
+        ),
+        model,
+    )
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer=args.optimizer,
+            lr=args.lr,
+            min_lr=args.min_lr,
+            weight_decay=args.weight_decay,
+            clip_grad=args.clip_grad,
+            bf16=args.bf16,
+            params_dtype=config.params_dtype,
+            use_distributed_optimizer=args.use_distributed_optimizer,
+        ),
+        [ddp],
+        use_gloo_process_groups=False,
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters,
+        lr_decay_steps=args.lr_decay_iters,
+        lr_decay_style="cosine",
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters,
+        wd_incr_style="constant",
+    )
+    config.grad_scale_func = optimizer.scale_loss
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp.no_sync
+    # The scheduler's load_state_dict steps it by the saved count, from where it is now.
+    first_iteration = load_checkpoint(args, ddp, optimizer, scheduler) if args.load else 0
+    if first_iteration == 0:
+        scheduler.step(increment=1)  # iteration i trains with the learning rate of step i
+
+    dp_size = args.data_parallel_size
+    dataset = build_dataset(args, args.train_iters * args.global_batch_size)
+    data = micro_batches(
+        dataset,
+        args.global_batch_size,
+        args.micro_batch_size,
+        ps.get_data_parallel_rank(),
+        dp_size,
+        first_iteration,
+    )
+    num_micro = args.global_batch_size // (args.micro_batch_size * dp_size)
+    forward_backward = get_forward_backward_func()
+    history = []
+    for iteration in range(first_iteration, args.train_iters):
+        start = time.perf_counter()
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        reports = forward_backward(
+            forward_step_func=partial(_forward_step, args),
+            data_iterator=data,
+            model=[ddp],
+            num_microbatches=num_micro,
+            seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size,
+            forward_only=False,
+        )
+        lr = optimizer.param_groups[0]["lr"]
+        _, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=1)
+        totals = torch.stack([r["lm loss"] for r in reports]).sum(0)
+        dist.all_reduce(totals, group=ps.get_data_parallel_group(with_context_parallel=True))
+        if use_cuda(args):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        record = {
+            "iteration": iteration + 1,
+            "loss": float(totals[0] / totals[1]),
+            "grad_norm": float(grad_norm),
+            "lr": lr,
+            "seconds": seconds,
+            "tokens_per_s": args.global_batch_size * args.seq_length / seconds,
+        }
+        history.append(record)
+        if dist.get_rank() == 0 and (iteration + 1) % args.log_interval == 0:
+            _log(args, record)
+        if args.save and args.save_interval and (iteration + 1) % args.save_interval == 0:
+            save_checkpoint(args, iteration + 1, ddp, optimizer, scheduler)
+    if args.save and (not args.save_interval or args.train_iters % args.save_interval):
+        save_checkpoint(args, args.train_iters, ddp, optimizer, scheduler)
+    return history
+
+
+def _log(args: argparse.Namespace, r: dict) -> None:
+    done = r["iteration"] / args.train_iters
+    eta = (args.train_iters - r["iteration"]) * r["seconds"]
+    print(
+        f"iter {r['iteration']:>5}/{args.train_iters} ({100 * done:5.1f}%) | "
+        f"loss {r['loss']:.6f} | grad norm {r['grad_norm']:.4f} | lr {r['lr']:.2e} | "
+        f"{r['tokens_per_s']:,.0f} tok/s | {r['seconds']:.2f} s/it | eta {eta:.0f}s",
+        flush=True,
+    )

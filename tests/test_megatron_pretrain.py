@@ -1,0 +1,54 @@
+"""The GPT pretraining example end to end on CPU processes: loss parity against data
+parallelism (the README's command), and resuming from a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "pretrain_gpt"
+
+
+def _run(cmd: list[str], cwd: Path, timeout: int = 400) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{cmd} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def test_loss_parity_default_command(tmp_path):
+    out = tmp_path / "parity"
+    done = _run([sys.executable, str(EXAMPLE / "loss_parity.py"), "--out", str(out)], tmp_path)
+    assert "loss parity ok" in done.stdout
+    report = json.loads(out.with_suffix(".json").read_text())
+    runs = report["runs"]
+    assert report["rtol"] == 1e-6 and len(runs) == 14
+    for name, run in runs.items():
+        assert len(run["loss"]) == 6 and run["ok"], name
+        assert max(run["max_rel_loss"], run["max_rel_grad_norm"]) <= 1e-6, name
+        assert run["loss"][-1] < run["loss"][0] - 0.5, f"{name} did not train"
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def _pretrain(tmp_path: Path, history: str, *flags: str) -> list[dict]:
+    common = ["--usp-ulysses-degree", "2", "--global-batch-size", "4", "--seq-length", "64",
+              "--lr-warmup-iters", "1", "--lr-decay-iters", "4",
+              "--data-cache-path", str(tmp_path / "data")]  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", "2", str(EXAMPLE / "pretrain_gpt.py")]  # fmt: skip
+    _run([*torchrun, *common, "--history-json", str(tmp_path / history), *flags], tmp_path)
+    return json.loads((tmp_path / history).read_text())["history"]
+
+
+def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
+    straight = _pretrain(tmp_path, "straight.json", "--train-iters", "4")
+    ckpt = str(tmp_path / "ckpt")
+    first = _pretrain(tmp_path, "first.json", "--train-iters", "2", "--save", ckpt)
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "2"
+    resumed = _pretrain(tmp_path, "resumed.json", "--train-iters", "4", "--load", ckpt)
+    assert [h["iteration"] for h in resumed] == [3, 4]
+    for mine, theirs in zip(first + resumed, straight, strict=True):
+        assert mine["loss"] == theirs["loss"] and mine["grad_norm"] == theirs["grad_norm"]

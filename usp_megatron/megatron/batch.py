@@ -1,0 +1,34 @@
+"""This rank's share of a batch: every sequence tensor indexed by ``layout.local_positions``.
+
+Tokens, labels, loss mask and position ids are ``[b, s]`` and split along dim 1; an
+attention mask ``[b, 1, s, s]`` keeps all keys and splits its query dim (2), as Megatron's
+own ``get_batch_on_this_cp_rank`` does. For zigzag the result is exactly Megatron's split.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from usp_megatron.groups import USPGroups
+from usp_megatron.megatron.process_groups import usp_groups_from_megatron, usp_positions
+
+
+def get_batch_on_this_usp_rank(
+    batch: dict[str, Any], ring_impl: str = "zigzag", groups: USPGroups | None = None
+) -> dict[str, Any]:
+    """A new dict with each tensor of ``batch`` cut to this rank's positions (None kept).
+
+    ``groups`` defaults to the ones Megatron's ``parallel_state`` holds.
+    """
+    g = groups if groups is not None else usp_groups_from_megatron()
+    if g.cp_size == 1:
+        return dict(batch)
+    sharded: dict[str, Any] = {}
+    for key, value in batch.items():
+        if value is None:
+            sharded[key] = None
+            continue
+        seq_dim = 2 if key == "attention_mask" else 1
+        positions = usp_positions(value.shape[seq_dim], ring_impl, g)
+        sharded[key] = value.index_select(seq_dim, positions.to(value.device))
+    return sharded

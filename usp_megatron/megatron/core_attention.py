@@ -1,0 +1,109 @@
+"""USP core attention with the contract of Megatron's ``DotProductAttention``.
+
+It takes the slot ``core_attention`` of a ``SelfAttention`` spec: Megatron hands it this
+rank's sequence shard of q ``[sq, b, np, hn]`` and k/v ``[sk, b, ng, hn]`` (heads already
+split by tensor parallelism, RoPE already applied) and gets back ``[sq, b, np * hn]``.
+Inside, ``LongContextAttention`` runs the ulysses all-to-all and the ring over the
+hierarchical context-parallel groups Megatron built.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import get_pg_size
+
+from usp_megatron.attention import LongContextAttention
+from usp_megatron.megatron.process_groups import usp_groups_from_megatron
+from usp_megatron.megatron.validation import check_attention_options, check_heads
+
+_CAUSAL = {AttnMaskType.causal: True, AttnMaskType.no_mask: False}
+
+
+class USPAttention(MegatronModule):
+    """Drop-in for ``DotProductAttention`` / ``TEDotProductAttention`` under USP."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str = "self",
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection: Any = None,
+        ring_impl: str = "zigzag",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(config=config)
+        if attention_type != "self":
+            raise ValueError(
+                f"USP attention is self-attention only, got attention_type={attention_type!r}"
+            )
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = self._check_mask_type(attn_mask_type)
+        check_attention_options(
+            attention_dropout=(
+                config.attention_dropout if attention_dropout is None else attention_dropout
+            ),
+            multi_latent_attention=config.multi_latent_attention,
+            softmax_type=config.softmax_type,
+            window_size=config.window_size,
+        )
+        self.groups = usp_groups_from_megatron(pg_collection)
+        tp_group = getattr(pg_collection, "tp", None)
+        tp_size = (
+            get_pg_size(tp_group) if tp_group is not None else config.tensor_model_parallel_size
+        )
+        check_heads(config.num_attention_heads, tp_size, self.groups.ulysses_degree)
+        self.hidden_size_per_attention_head = config.kv_channels
+        # apply_query_key_layer_scaling divides the scores by the layer number and the
+        # softmax multiplies it back: the same attention, so only the plain scale is used.
+        self.softmax_scale = (
+            softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        )
+        self.attention = LongContextAttention(self.groups, ring_impl=ring_impl, backend=backend)
+
+    @staticmethod
+    def _check_mask_type(attn_mask_type: AttnMaskType) -> AttnMaskType:
+        if attn_mask_type not in _CAUSAL:
+            raise ValueError(
+                f"USP attention supports attn_mask_type causal or no_mask, got {attn_mask_type}: "
+                "padding and arbitrary masks would have to travel the ring with the keys"
+            )
+        return attn_mask_type
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: Any = None,
+    ) -> torch.Tensor:
+        """query: [sq, b, np, hn]; key, value: [sk, b, ng, hn] -> [sq, b, np * hn].
+
+        ``attention_mask`` is ignored, as ``TEDotProductAttention`` ignores it for the
+        causal mask type: the mask is implied by the sequence layout.
+        """
+        if packed_seq_params is not None:
+            raise ValueError(
+                "USP attention does not take packed (THD) sequences; pass packed_seq_params=None"
+            )
+        if attention_bias is not None:
+            raise ValueError("USP attention does not take an attention_bias")
+        mask_type = self._check_mask_type(
+            self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        )
+        q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, heads, hn]
+        out = self.attention(q, k, v, causal=_CAUSAL[mask_type], softmax_scale=self.softmax_scale)
+        sq, b = query.shape[0], query.shape[1]
+        return out.transpose(0, 1).reshape(sq, b, -1)

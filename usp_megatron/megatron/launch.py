@@ -1,0 +1,36 @@
+"""Run an unpatched Megatron-LM script with USP: ``python -m usp_megatron.megatron.launch``.
+
+    torchrun --nproc-per-node 8 -m usp_megatron.megatron.launch pretrain_gpt.py \
+        --usp-ulysses-degree 4 --usp-ring-degree 2 ...   # plus the script's usual flags
+
+Installs the hooks (with the ``--usp-*`` flags added to Megatron-LM's parser), then runs
+the script as ``__main__`` from its own directory, as ``python pretrain_gpt.py`` would.
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+from usp_megatron.megatron.megatron_lm import install
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or not argv[0].endswith(".py"):
+        raise SystemExit(
+            "usage: python -m usp_megatron.megatron.launch SCRIPT.py [script flags] "
+            "[--usp-ulysses-degree U --usp-ring-degree R ...]"
+        )
+    script = Path(argv[0]).resolve()
+    if not script.is_file():
+        raise SystemExit(f"no such script: {script}")
+    install(add_flags=True)
+    sys.argv = [str(script), *argv[1:]]
+    sys.path.insert(0, str(script.parent))
+    runpy.run_path(str(script), run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Hooks that put USP into Megatron-LM's ``pretrain_gpt.py`` (tag ``core_v0.16.1``).
+
+Megatron-LM imports most of what USP changes by name at import time, so :func:`install`
+must run before ``pretrain_gpt.py`` imports ``megatron.training`` (the patch in
+``patches/`` calls it at the top of the script; the ``launch`` module calls it before
+running the script). It replaces, each in the one place Megatron-LM looks it up:
+
+- ``validate_args`` (in ``megatron.training.arguments`` and where ``initialize`` imported
+  it): ``--usp-*`` become ``context_parallel_size = U * R`` and hierarchical sizes
+  ``[U, R]`` before Megatron's own checks, and USP's checks run after them;
+- the ``core_attention()`` of the local and TransformerEngine spec providers, which every
+  GPT spec builder (dense, MoE, MTP) asks for its core attention;
+- ``get_batch_on_this_cp_rank`` in ``megatron.training.utils`` (the batch split);
+- the ``RotaryEmbedding`` that ``GPTModel`` builds (the RoPE slice of stripe and basic).
+
+Every hook reads the flags from Megatron-LM's own ``get_args()`` when it runs, and is a
+no-op unless ``--usp-ulysses-degree * --usp-ring-degree > 1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from usp_megatron.megatron.arguments import (
+    add_usp_args,
+    apply_usp_args,
+    usp_enabled,
+    validate_usp_args,
+)
+from usp_megatron.megatron.batch import get_batch_on_this_usp_rank
+from usp_megatron.megatron.rope import USPRotaryEmbedding
+from usp_megatron.megatron.specs import usp_core_attention
+
+_MARK = "_usp_megatron_hook"
+
+
+def _mark(fn: Callable) -> Callable:
+    setattr(fn, _MARK, True)
+    return fn
+
+
+def _hooked(fn: Any) -> bool:
+    return getattr(fn, _MARK, False)
+
+
+def with_usp_args(extra_args_provider: Callable | None = None) -> Callable:
+    """An ``extra_args_provider`` that adds the ``--usp-*`` flags, then the given one's."""
+    if extra_args_provider is not None and _hooked(extra_args_provider):
+        return extra_args_provider
+
+    def provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        parser = add_usp_args(parser)
+        return extra_args_provider(parser) if extra_args_provider is not None else parser
+
+    return _mark(provider)
+
+
+def wrap_validate_args(validate_args: Callable) -> Callable:
+    """Megatron-LM's ``validate_args`` with USP applied before and checked after it."""
+    if _hooked(validate_args):
+        return validate_args
+
+    @functools.wraps(validate_args)
+    def hooked(args: argparse.Namespace, *rest: Any, **kwargs: Any) -> Any:
+        apply_usp_args(args)
+        result = validate_args(args, *rest, **kwargs)
+        validate_usp_args(args)
+        return result
+
+    return _mark(hooked)
+
+
+def wrap_parse_args(parse_args: Callable) -> Callable:
+    """``parse_args`` whose ``extra_args_provider`` also adds the ``--usp-*`` flags."""
+    if _hooked(parse_args):
+        return parse_args
+
+    @functools.wraps(parse_args)
+    def hooked(extra_args_provider: Callable | None = None, *rest: Any, **kwargs: Any) -> Any:
+        return parse_args(with_usp_args(extra_args_provider), *rest, **kwargs)
+
+    return _mark(hooked)
+
+
+def wrap_core_attention(core_attention: Callable, get_args: Callable) -> Callable:
+    """A spec provider's ``core_attention`` method that answers USP when the flags ask."""
+    if _hooked(core_attention):
+        return core_attention
+
+    @functools.wraps(core_attention)
+    def hooked(self: Any) -> Any:
+        args = get_args()
+        if not usp_enabled(args):
+            return core_attention(self)
+        return usp_core_attention(args.usp_ring_impl, args.usp_attn_backend)
+
+    return _mark(hooked)
+
+
+def wrap_batch_split(get_batch_on_this_cp_rank: Callable, get_args: Callable) -> Callable:
+    """Megatron's context-parallel batch split, or USP's for the layout in the flags."""
+    if _hooked(get_batch_on_this_cp_rank):
+        return get_batch_on_this_cp_rank
+
+    @functools.wraps(get_batch_on_this_cp_rank)
+    def hooked(batch: dict, *rest: Any, **kwargs: Any) -> dict:
+        args = get_args()
+        if not usp_enabled(args):
+            return get_batch_on_this_cp_rank(batch, *rest, **kwargs)
+        return get_batch_on_this_usp_rank(batch, ring_impl=args.usp_ring_impl)
+
+    return _mark(hooked)
+
+
+def wrap_rotary_embedding(rotary_embedding: type, get_args: Callable) -> Callable:
+    """What ``GPTModel`` calls to build its RoPE: USP's slice for stripe and basic."""
+    if _hooked(rotary_embedding):
+        return rotary_embedding
+
+    def build(*a: Any, **kwargs: Any) -> Any:
+        args = get_args()
+        if usp_enabled(args) and args.usp_ring_impl != "zigzag":
+            return USPRotaryEmbedding(*a, ring_impl=args.usp_ring_impl, **kwargs)
+        return rotary_embedding(*a, **kwargs)
+
+    return _mark(build)
+
+
+def _module(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        raise ImportError(
+            f"usp_megatron.megatron.megatron_lm needs Megatron-LM's {name} (put a Megatron-LM "
+            f"checkout of tag core_v0.16.1 on PYTHONPATH): {error}"
+        ) from error
+
+
+def install(add_flags: bool = False) -> None:
+    """Hook USP into Megatron-LM; ``add_flags`` also adds ``--usp-*`` to its parser (for
+    scripts whose ``extra_args_provider`` does not). Idempotent."""
+    arguments = _module("megatron.training.arguments")
+    initialize = _module("megatron.training.initialize")
+    training_utils = _module("megatron.training.utils")
+    global_vars = _module("megatron.training.global_vars")
+    gpt_model = _module("megatron.core.models.gpt.gpt_model")
+    backends = _module("megatron.core.models.backends")
+    get_args = global_vars.get_args
+
+    arguments.validate_args = wrap_validate_args(arguments.validate_args)
+    initialize.validate_args = wrap_validate_args(initialize.validate_args)
+    if add_flags:
+        initialize.parse_args = wrap_parse_args(initialize.parse_args)
+    providers = [backends.LocalSpecProvider]
+    try:
+        te_provider = importlib.import_module(
+            "megatron.core.extensions.transformer_engine_spec_provider"
+        )
+        providers.append(te_provider.TESpecProvider)
+    except ImportError:
+        pass  # TransformerEngine is optional
+    for provider in providers:
+        provider.core_attention = wrap_core_attention(provider.core_attention, get_args)
+    training_utils.get_batch_on_this_cp_rank = wrap_batch_split(
+        training_utils.get_batch_on_this_cp_rank, get_args
+    )
+    gpt_model.RotaryEmbedding = wrap_rotary_embedding(gpt_model.RotaryEmbedding, get_args)

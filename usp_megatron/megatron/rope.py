@@ -1,0 +1,78 @@
+"""Rotary embedding rows for the positions this rank holds.
+
+Megatron's ``RotaryEmbedding`` cuts its table for context parallelism as if the layout were
+zigzag. :class:`USPRotaryEmbedding` takes the rows at ``layout.local_positions`` instead, so
+stripe and basic get the angles of the tokens they really hold (for zigzag both agree).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+from usp_megatron.groups import USPGroups
+from usp_megatron.layout import check_ring_impl
+from usp_megatron.megatron.process_groups import usp_groups_from_megatron, usp_positions
+
+
+class USPRotaryEmbedding(RotaryEmbedding):
+    """``RotaryEmbedding`` whose forward returns the rows of this rank's USP positions."""
+
+    def __init__(
+        self,
+        *args: object,
+        ring_impl: str = "zigzag",
+        groups: USPGroups | None = None,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._set_layout(ring_impl, groups)
+
+    def _set_layout(self, ring_impl: str, groups: USPGroups | None) -> None:
+        check_ring_impl(ring_impl)
+        self.ring_impl = ring_impl
+        self.groups = groups if groups is not None else usp_groups_from_megatron()
+
+    @classmethod
+    def adopt(
+        cls, rotary: RotaryEmbedding, ring_impl: str, groups: USPGroups | None = None
+    ) -> USPRotaryEmbedding:
+        """The same embedding (frequencies, scaling, interleaving), sliced by USP positions."""
+        if type(rotary) is not RotaryEmbedding and not isinstance(rotary, cls):
+            raise ValueError(
+                f"only Megatron's plain RotaryEmbedding can be re-sliced for USP, got "
+                f"{type(rotary).__name__}: use ring_impl='zigzag' with it"
+            )
+        usp = cls.__new__(cls)
+        usp.__dict__.update(rotary.__dict__)
+        usp._set_layout(ring_impl, groups)
+        return usp
+
+    def forward(  # type: ignore[override]
+        self,
+        max_seq_len: int,
+        offset: int = 0,
+        packed_seq: bool = False,
+        cp_group: object = None,
+    ) -> torch.Tensor:
+        """``max_seq_len`` is the global length; returns ``[s_local, 1, 1, dim]``."""
+        if packed_seq:
+            raise ValueError("USP rotary embedding does not take packed (THD) sequences")
+        emb = self.get_emb(max_seq_len, offset)
+        if self.groups.cp_size == 1:
+            return emb
+        positions = usp_positions(max_seq_len, self.ring_impl, self.groups)
+        return emb.index_select(0, positions.to(emb.device))
+
+
+def use_usp_rotary_embedding(model: torch.nn.Module, ring_impl: str) -> torch.nn.Module:
+    """Give a built ``GPTModel`` the RoPE slice of ``ring_impl``; returns the model.
+
+    Needed for stripe and basic (zigzag is Megatron's own slice, and is left alone). Models
+    without RoPE are returned unchanged.
+    """
+    check_ring_impl(ring_impl)
+    rotary = getattr(model, "rotary_pos_emb", None)
+    if ring_impl != "zigzag" and isinstance(rotary, RotaryEmbedding):
+        model.rotary_pos_emb = USPRotaryEmbedding.adopt(rotary, ring_impl)
+    return model

@@ -1,0 +1,83 @@
+"""Layer specs with USP core attention: one slot of a Megatron spec changes, nothing else.
+
+``with_usp_attention`` rewrites any GPT spec (a layer ``ModuleSpec``, a
+``TransformerBlockSubmodules`` of dense and MoE layers, local or TransformerEngine modules)
+so that every self-attention's ``core_attention`` is :class:`USPAttention`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from megatron.core.models.gpt import gpt_layer_specs
+from megatron.core.transformer.attention import SelfAttentionSubmodules
+from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from usp_megatron.kernels import check_backend
+from usp_megatron.layout import check_ring_impl
+from usp_megatron.megatron.core_attention import USPAttention
+from usp_megatron.megatron.validation import check_attention_options
+
+
+def usp_core_attention(
+    ring_impl: str = "zigzag", backend: str = "auto"
+) -> Callable[..., USPAttention]:
+    """What goes in ``SelfAttentionSubmodules.core_attention``: Megatron calls it with the
+    ``DotProductAttention`` arguments (it calls the slot directly, so a partial works)."""
+    check_ring_impl(ring_impl)
+    check_backend(backend)
+    return functools.partial(USPAttention, ring_impl=ring_impl, backend=backend)
+
+
+def _swap(node: Any, core_attention: Callable[..., USPAttention]) -> Any:
+    if isinstance(node, MLASelfAttentionSubmodules):
+        check_attention_options(multi_latent_attention=True)
+    if isinstance(node, SelfAttentionSubmodules):
+        return dataclasses.replace(node, core_attention=core_attention)
+    if isinstance(node, list):
+        return [_swap(item, core_attention) for item in node]
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        changes = {
+            f.name: _swap(getattr(node, f.name), core_attention)
+            for f in dataclasses.fields(node)
+            if f.init
+        }
+        return dataclasses.replace(node, **changes)
+    return node
+
+
+def with_usp_attention(spec: Any, ring_impl: str = "zigzag", backend: str = "auto") -> Any:
+    """A copy of ``spec`` whose self-attention core is USP; the original is not changed."""
+    return _swap(spec, usp_core_attention(ring_impl, backend))
+
+
+def get_gpt_layer_usp_spec(
+    ring_impl: str = "zigzag", backend: str = "auto", **local_spec_options: Any
+) -> ModuleSpec:
+    """``get_gpt_layer_local_spec(**local_spec_options)`` with USP core attention."""
+    if local_spec_options.get("multi_latent_attention"):
+        check_attention_options(multi_latent_attention=True)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(**local_spec_options)
+    return with_usp_attention(spec, ring_impl, backend)
+
+
+def get_gpt_layer_usp_te_spec(
+    ring_impl: str = "zigzag", backend: str = "auto", **te_spec_options: Any
+) -> ModuleSpec:
+    """``get_gpt_layer_with_transformer_engine_spec(...)`` with USP core attention.
+
+    TransformerEngine's linear and norm layers stay; only the core attention changes.
+    """
+    if not gpt_layer_specs.HAVE_TE:
+        raise ImportError(
+            "get_gpt_layer_usp_te_spec needs transformer_engine; use get_gpt_layer_usp_spec "
+            "(megatron-core's own layers) without it"
+        )
+    if te_spec_options.get("multi_latent_attention"):
+        check_attention_options(multi_latent_attention=True)
+    spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**te_spec_options)
+    return with_usp_attention(spec, ring_impl, backend)

@@ -1,0 +1,93 @@
+"""Checks that a model and parallel configuration compose with USP, with errors that say why.
+
+Shared by the core-attention module (checked when it is built), the spec builders and the
+Megatron-LM flag validation, so every entry point refuses the same things in the same words.
+"""
+
+from __future__ import annotations
+
+from usp_megatron.layout import check_degrees
+
+
+def heads_per_tp_rank(num_attention_heads: int, tensor_parallel_size: int) -> int:
+    if num_attention_heads % tensor_parallel_size:
+        raise ValueError(
+            f"num_attention_heads={num_attention_heads} must be divisible by the "
+            f"tensor-parallel size {tensor_parallel_size}"
+        )
+    return num_attention_heads // tensor_parallel_size
+
+
+def check_heads(num_attention_heads: int, tensor_parallel_size: int, ulysses_degree: int) -> None:
+    """Query heads are split by TP first, then by the ulysses all-to-all.
+
+    Key/value heads need no check: when a TP rank has fewer than ``U`` of them they are
+    replicated inside the attention, never dropped.
+    """
+    per_rank = heads_per_tp_rank(num_attention_heads, tensor_parallel_size)
+    if per_rank % ulysses_degree:
+        raise ValueError(
+            f"attention heads per tensor-parallel rank ({num_attention_heads} / TP "
+            f"{tensor_parallel_size} = {per_rank}) must be divisible by the ulysses degree "
+            f"{ulysses_degree}: choose U among the divisors of {per_rank}, or lower TP"
+        )
+
+
+def check_attention_options(
+    *,
+    attention_dropout: float = 0.0,
+    multi_latent_attention: bool = False,
+    softmax_type: str = "vanilla",
+    window_size: object = None,
+) -> None:
+    """Attention features the USP kernels do not have."""
+    if multi_latent_attention:
+        raise ValueError(
+            "multi-latent attention (--multi-latent-attention) does not compose with USP: its "
+            "key/value heads are built by MLASelfAttention, which USP does not replace"
+        )
+    if attention_dropout:
+        raise ValueError(
+            f"USP attention has no attention-probability dropout; set attention_dropout "
+            f"(--attention-dropout) to 0.0, got {attention_dropout}"
+        )
+    if softmax_type != "vanilla":
+        raise ValueError(
+            f"USP attention supports softmax_type='vanilla' only, got {softmax_type!r}"
+        )
+    if window_size is not None:
+        raise ValueError(
+            f"USP attention has no sliding window; window_size must be None, got {window_size}"
+        )
+
+
+def check_position_embedding(position_embedding_type: str, ring_impl: str) -> None:
+    """Only RoPE (and position ids) get the plugin's own slice for stripe and basic."""
+    if ring_impl != "zigzag" and position_embedding_type in ("yarn", "mrope"):
+        raise ValueError(
+            f"position_embedding_type={position_embedding_type!r} is sliced by Megatron for "
+            f"the zigzag layout only; use --usp-ring-impl zigzag, or 'rope' / "
+            f"'learned_absolute' / 'none' with ring_impl={ring_impl!r}"
+        )
+
+
+def check_context_parallel(
+    ulysses_degree: int,
+    ring_degree: int,
+    context_parallel_size: int,
+    hierarchical_sizes: list[int] | None,
+) -> None:
+    """The context-parallel size Megatron was given must be exactly ``U * R`` as ``[U, R]``."""
+    check_degrees(ulysses_degree, ring_degree)
+    cp = ulysses_degree * ring_degree
+    if context_parallel_size not in (1, cp):
+        raise ValueError(
+            f"--context-parallel-size {context_parallel_size} conflicts with --usp-ulysses-degree "
+            f"{ulysses_degree} x --usp-ring-degree {ring_degree} = {cp}: drop "
+            "--context-parallel-size (USP sets it) or make it equal U * R"
+        )
+    if hierarchical_sizes and list(hierarchical_sizes) != [ulysses_degree, ring_degree]:
+        raise ValueError(
+            f"--hierarchical-context-parallel-sizes {list(hierarchical_sizes)} conflicts with "
+            f"USP's [U, R] = [{ulysses_degree}, {ring_degree}]: drop it (USP sets it)"
+        )
