@@ -24,7 +24,9 @@ def factorizations(world_size: int) -> list[tuple[int, int]]:
 def head_configs(ulysses: int) -> list[tuple[int, int, int | None]]:
     """(hq, hkv, head_chunks): MHA with and without chunked all-to-all, GQA, MQA, and a GQA
     whose kv heads do not divide by U (needs replication)."""
-    configs = [(8, 8, None), (8, 8, 1), (8, 2, None), (8, 1, None)]
+    configs = [(8, 8, None), (8, 2, None), (8, 1, None)]
+    if (8 // ulysses) % 2 == 0:
+        configs.append((8, 8, 2))
     if 12 % ulysses == 0:
         configs.append((12, 6, None))
     return [config for config in configs if config[0] % ulysses == 0]

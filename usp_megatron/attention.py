@@ -46,10 +46,9 @@ def kv_heads_for_ulysses(num_q_heads: int, num_kv_heads: int, ulysses_degree: in
 class _UlyssesPlan:
     """Everything the pipelined all-to-all + ring needs besides the tensors."""
 
-    def __init__(self, groups: USPGroups, ring: RingContext, ring_impl: str, chunks: int):
+    def __init__(self, groups: USPGroups, ring: RingContext, layout: GatherLayout, chunks: int):
         self.group, self.degree = groups.ulysses_group, groups.ulysses_degree
-        self.layout = GatherLayout(groups.ulysses_degree, ring_impl)
-        self.ring, self.chunks = ring, chunks
+        self.layout, self.ring, self.chunks = layout, ring, chunks
 
 
 class _UlyssesRingFunction(torch.autograd.Function):
@@ -102,9 +101,19 @@ class _UlyssesRingFunction(torch.autograd.Function):
         return None, None, None, None, dq, dk, dv
 
 
-def default_head_chunks(q_heads_per_rank: int, kv_heads_per_rank: int) -> int:
-    """Two chunks where both head counts per rank allow (measured best on 4 H100s for
-    forward+backward at 32K-128K tokens; four was slower, docs/benchmarks.md)."""
+# Ring blocks at least this long go through the all-to-all in two head chunks.
+CHUNKED_RING_BLOCK = 16384
+
+
+def default_head_chunks(q_heads_per_rank: int, kv_heads_per_rank: int, ring_block: int) -> int:
+    """Two chunks for ring blocks of 16K tokens or more, where both head counts allow.
+
+    Measured on 4 H100s (docs/benchmarks.md): two chunks cut forward+backward time by 6-8%
+    at 16K-32K-token ring blocks, four were slower. Shorter blocks are bound by host time
+    per kernel call (a profile of 8K-token training), so they are not split further.
+    """
+    if ring_block < CHUNKED_RING_BLOCK:
+        return 1
     return math.gcd(q_heads_per_rank, kv_heads_per_rank, 2)
 
 
@@ -119,7 +128,7 @@ class LongContextAttention(nn.Module):
         head_chunks: int | None = None,
     ):
         """``head_chunks``: how many pieces the heads go through the all-to-all in, to
-        overlap it with compute (None: 2 where the head counts allow; 1: no overlap)."""
+        overlap it with compute (None: ``default_head_chunks``; 1: no overlap)."""
         super().__init__()
         check_ring_impl(ring_impl)
         check_backend(backend)
@@ -128,6 +137,7 @@ class LongContextAttention(nn.Module):
         self.groups, self.ring_impl, self.backend = groups, ring_impl, backend
         self.head_chunks = head_chunks
         self.ring = RingContext(groups.ring_group, groups.ring_rank, groups.ring_degree, ring_impl)
+        self.gather_layout = GatherLayout(groups.ulysses_degree, ring_impl)
 
     def _check(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         u = self.groups.ulysses_degree
@@ -171,11 +181,12 @@ class LongContextAttention(nn.Module):
         if hkv != k.shape[2]:
             repeat = hkv // k.shape[2]
             k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
-        chunks = self.head_chunks or default_head_chunks(q.shape[2] // u, hkv // u)
+        ring_block = q.shape[1] * u
+        chunks = self.head_chunks or default_head_chunks(q.shape[2] // u, hkv // u, ring_block)
         if (q.shape[2] // u) % chunks or (hkv // u) % chunks:
             raise ValueError(
                 f"head_chunks={chunks} must divide the query heads per rank {q.shape[2] // u} "
                 f"and the key/value heads per rank {hkv // u}"
             )
-        plan = _UlyssesPlan(self.groups, self.ring, self.ring_impl, chunks)
+        plan = _UlyssesPlan(self.groups, self.ring, self.gather_layout, chunks)
         return _UlyssesRingFunction.apply(plan, kernel, causal, scale, q, k, v)
