@@ -18,8 +18,9 @@ LAYOUTS = ((4, 1), (2, 2), (1, 4))
 def _init(cp_sizes: list[int] | None, cp: int) -> None:
     from megatron.core import parallel_state as ps
 
-    ps.destroy_model_parallel()
-    ps._HIERARCHICAL_CONTEXT_PARALLEL_GROUPS = None  # destroy_model_parallel keeps them
+    from usp_megatron.megatron import reset_model_parallel
+
+    reset_model_parallel()
     ps.initialize_model_parallel(
         context_parallel_size=cp,
         hierarchical_context_parallel_sizes=cp_sizes,

@@ -33,6 +33,7 @@ from usp_megatron.megatron import (
     get_batch_on_this_usp_rank,
     get_gpt_layer_usp_spec,
     install_cpu_shim,
+    reset_model_parallel,
     use_usp_rotary_embedding,
     validate_usp_args,
 )
@@ -69,8 +70,7 @@ def initialize(args: argparse.Namespace) -> None:
     hierarchical = [args.usp_ulysses_degree, args.usp_ring_degree] if usp_enabled(args) else None
     layout = (tp, cp, tuple(hierarchical or ()))
     if layout != _LAYOUT:
-        ps.destroy_model_parallel()
-        ps._HIERARCHICAL_CONTEXT_PARALLEL_GROUPS = None  # destroy_model_parallel keeps them
+        reset_model_parallel()
         ps.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             context_parallel_size=cp,

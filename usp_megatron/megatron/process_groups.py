@@ -67,3 +67,14 @@ def usp_positions(
     return local_positions(
         seq_len, g.ulysses_degree, g.ring_degree, g.ulysses_rank, g.ring_rank, ring_impl
     )
+
+
+def reset_model_parallel() -> None:
+    """``parallel_state.destroy_model_parallel`` that also forgets the hierarchical groups.
+
+    megatron-core 0.16's ``destroy_model_parallel`` leaves the hierarchical
+    context-parallel groups set, so a second ``initialize_model_parallel`` in the same
+    process (a new layout) would hand the plugin the old ulysses and ring groups.
+    """
+    parallel_state.destroy_model_parallel()
+    parallel_state._HIERARCHICAL_CONTEXT_PARALLEL_GROUPS = None
