@@ -9,8 +9,12 @@ from usp_megatron.groups import USPGroups
 from usp_megatron.layout import local_positions
 
 
-def _positions(seq_len: int, groups: USPGroups, cp_rank: int, ring_impl: str) -> torch.Tensor:
-    u, r = cp_rank % groups.ulysses_degree, cp_rank // groups.ulysses_degree
+def rank_positions(
+    seq_len: int, groups: USPGroups, ring_impl: str = "zigzag", cp_rank: int | None = None
+) -> torch.Tensor:
+    """``local_positions`` of context-parallel rank ``cp_rank`` (default: this rank)."""
+    c = groups.cp_rank if cp_rank is None else cp_rank
+    u, r = c % groups.ulysses_degree, c // groups.ulysses_degree
     return local_positions(seq_len, groups.ulysses_degree, groups.ring_degree, u, r, ring_impl)
 
 
@@ -18,7 +22,7 @@ def shard_sequence(
     x: torch.Tensor, dim: int, groups: USPGroups, ring_impl: str = "zigzag"
 ) -> torch.Tensor:
     """The positions of ``x`` along ``dim`` that this rank holds, in local order."""
-    positions = _positions(x.shape[dim], groups, groups.cp_rank, ring_impl)
+    positions = rank_positions(x.shape[dim], groups, ring_impl)
     return x.index_select(dim, positions.to(x.device))
 
 
@@ -35,6 +39,6 @@ def gather_sequence(
     shape[dim] = seq_len
     full = x_local.new_empty(shape)
     for cp_rank, shard in enumerate(shards):
-        positions = _positions(seq_len, groups, cp_rank, ring_impl).to(x_local.device)
+        positions = rank_positions(seq_len, groups, ring_impl, cp_rank).to(x_local.device)
         full.index_copy_(dim, positions, shard)
     return full

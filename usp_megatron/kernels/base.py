@@ -40,6 +40,11 @@ class AttentionKernel(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where partial results accumulate: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def check_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
     """Validate one block's shapes; raise ValueError naming what is wrong."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import torch
 
-from usp_megatron.kernels.base import check_block, expand_kv_heads, reduce_kv_heads
-
-
-def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from usp_megatron.kernels.base import (
+    accum_dtype,
+    check_block,
+    expand_kv_heads,
+    reduce_kv_heads,
+)
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
     """[b, h, sq, sk] scaled scores in the accumulation dtype, -inf where masked."""
-    acc = _accum_dtype(q.dtype)
+    acc = accum_dtype(q.dtype)
     k = expand_kv_heads(k, q.shape[2])
     scores = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), k.to(acc)) * scale
     if causal:

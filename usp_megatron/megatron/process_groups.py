@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from usp_megatron.groups import USPGroups, usp_groups_from
-from usp_megatron.layout import local_positions
+from usp_megatron.sharding import rank_positions
 
 HOW_TO_BUILD = (
     "initialize_model_parallel(context_parallel_size=U*R, "
@@ -64,9 +64,7 @@ def usp_positions(
 ) -> torch.Tensor:
     """Global positions this rank holds, in local order (groups default to Megatron's)."""
     g = groups if groups is not None else usp_groups_from_megatron()
-    return local_positions(
-        seq_len, g.ulysses_degree, g.ring_degree, g.ulysses_rank, g.ring_rank, ring_impl
-    )
+    return rank_positions(seq_len, g, ring_impl)
 
 
 def reset_model_parallel() -> None:

@@ -14,12 +14,9 @@ from torch.distributed import ProcessGroup
 
 from usp_megatron.comm import RingExchange
 from usp_megatron.kernels import AttentionKernel
+from usp_megatron.kernels.base import accum_dtype
 from usp_megatron.ring.merge import merge_by_lse
 from usp_megatron.ring.schedule import block_task
-
-
-def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class RingContext:
@@ -53,7 +50,7 @@ def ring_forward(
     kv = torch.stack([k, v])
     kv_exchange.start(kv)
     out, lse = kernel.forward(q, k, v, causal, scale)
-    out, lse = out.to(_accum_dtype(q.dtype)), lse.to(_accum_dtype(q.dtype))
+    out, lse = out.to(accum_dtype(q.dtype)), lse.to(accum_dtype(q.dtype))
     for step in range(1, ring.size):
         kv = kv_exchange.wait()
         if step + 1 < ring.size:
@@ -83,7 +80,7 @@ def ring_backward(
     """Gradients of :func:`ring_forward` given the final ``out`` and ``lse``."""
     if ring.size == 1:
         return kernel.backward(dout, q, k, v, out, lse, causal, scale)
-    s, acc = q.shape[1], _accum_dtype(q.dtype)
+    s, acc = q.shape[1], accum_dtype(q.dtype)
     kv_exchange, dkv_exchange = ring.exchange(), ring.exchange()
     kv = torch.stack([k, v])
     kv_exchange.start(kv)
