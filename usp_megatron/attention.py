@@ -18,15 +18,7 @@ import math
 import torch
 from torch import nn
 
-from usp_megatron.comm import (
-    GatherLayout,
-    all_to_all_start,
-    pack_heads_to_seq,
-    pack_seq_to_heads,
-    split_heads,
-    unpack_heads_to_seq,
-    unpack_seq_to_heads,
-)
+from usp_megatron.comm import GatherLayout, heads_to_seq_start, seq_to_heads_start, split_heads
 from usp_megatron.groups import USPGroups
 from usp_megatron.kernels import check_backend, get_kernel
 from usp_megatron.layout import check_ring_impl, check_seq_len
@@ -54,21 +46,19 @@ class _UlyssesPlan:
 class _UlyssesRingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan, kernel, causal, scale, q, k, v):
-        u, n = plan.degree, plan.chunks
+        u, n, layout, group = plan.degree, plan.chunks, plan.layout, plan.group
         sends = zip(split_heads(q, u, n), split_heads(k, u, n), split_heads(v, u, n))
-        incoming = [all_to_all_start(pack_seq_to_heads(list(t)), plan.group) for t in sends]
-        heads = [q.shape[2] // (u * n), k.shape[2] // (u * n), v.shape[2] // (u * n)]
-        saved, outgoing = [], []
-        for recv, work in incoming:
-            work.wait()
-            q_r, k_r, v_r = unpack_seq_to_heads(recv, heads, plan.layout)
-            out_r, lse = ring_forward(plan.ring, kernel, q_r, k_r, v_r, causal, scale)
-            saved += [q_r, k_r, v_r, out_r, lse]
-            outgoing.append(all_to_all_start(pack_heads_to_seq([out_r], plan.layout), plan.group))
+        incoming = [seq_to_heads_start(list(t), layout, group) for t in sends]
         out = q.new_empty(q.shape)
-        for (recv, work), dest in zip(outgoing, split_heads(out, u, n)):
-            work.wait()
-            unpack_heads_to_seq(recv, [dest])
+        saved, outgoing = [], []
+        for pending, dest in zip(incoming, split_heads(out, u, n)):
+            q_r, k_r, v_r = pending.wait()
+            out_r, lse = ring_forward(plan.ring, kernel, q_r, k_r, v_r, causal, scale)
+            outgoing.append(heads_to_seq_start([out_r], [dest], layout, group))
+            # The backward reads out in the sequence-major layout dout arrives in.
+            saved += [q_r, k_r, v_r, outgoing[-1].sent, lse]
+        for pending in outgoing:
+            pending.wait()
         ctx.save_for_backward(*saved)
         ctx.plan, ctx.kernel, ctx.causal, ctx.scale = plan, kernel, causal, scale
         ctx.shapes = (q.shape, k.shape, v.shape)
@@ -77,27 +67,23 @@ class _UlyssesRingFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         plan, (q_shape, k_shape, v_shape) = ctx.plan, ctx.shapes
-        u, n = plan.degree, plan.chunks
+        u, n, layout, group = plan.degree, plan.chunks, plan.layout, plan.group
         saved = ctx.saved_tensors
         incoming = [
-            all_to_all_start(pack_seq_to_heads([chunk]), plan.group)
-            for chunk in split_heads(dout, u, n)
+            seq_to_heads_start([chunk], layout, group) for chunk in split_heads(dout, u, n)
         ]
+        dq, dk, dv = (dout.new_empty(shape) for shape in (q_shape, k_shape, v_shape))
+        destinations = zip(split_heads(dq, u, n), split_heads(dk, u, n), split_heads(dv, u, n))
         outgoing = []
-        for c, (recv, work) in enumerate(incoming):
-            work.wait()
-            (dout_r,) = unpack_seq_to_heads(recv, [q_shape[2] // (u * n)], plan.layout)
+        for c, (pending, dest) in enumerate(zip(incoming, destinations)):
+            (dout_r,) = pending.wait()
             q_r, k_r, v_r, out_r, lse = saved[5 * c : 5 * c + 5]
             grads = ring_backward(
                 plan.ring, ctx.kernel, dout_r, q_r, k_r, v_r, out_r, lse, ctx.causal, ctx.scale
             )
-            send = pack_heads_to_seq(list(grads), plan.layout)
-            outgoing.append(all_to_all_start(send, plan.group))
-        dq, dk, dv = (dout.new_empty(shape) for shape in (q_shape, k_shape, v_shape))
-        destinations = zip(split_heads(dq, u, n), split_heads(dk, u, n), split_heads(dv, u, n))
-        for (recv, work), dest in zip(outgoing, destinations):
-            work.wait()
-            unpack_heads_to_seq(recv, list(dest))
+            outgoing.append(heads_to_seq_start(list(grads), list(dest), layout, group))
+        for pending in outgoing:
+            pending.wait()
         return None, None, None, None, dq, dk, dv
 
 

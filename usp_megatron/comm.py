@@ -1,10 +1,12 @@
 """Communication: the ulysses all-to-all (with autograd) and the ring's neighbour exchange.
 
 All-to-all: ``[b, s_local, h, d]`` on each of ``U`` ranks becomes ``[b, U * s_local, h/U, d]``
-(scatter heads, gather sequence) and back. Query, key and value travel in ONE all-to-all
-(packed along heads), and the gathered pieces are put in ring-block position order by the
-same copy that the all-to-all needs anyway (see ``layout.gather_piece_order``). The pack /
-unpack halves are separate so that the caller can overlap chunks of heads with compute.
+(scatter heads, gather sequence) and back. Each tensor is copied once into a send buffer
+(the all-to-all needs its pieces contiguous anyway) and every piece is received straight
+into its slot of the ring block (``layout.gather_piece_order``), so no reordering copy runs
+on the way in; on the way out the kernels' outputs are sent slot by slot as they are. The
+start / wait halves are separate so that the caller can overlap chunks of heads with
+compute.
 
 Ring: ``RingExchange.start(t)`` sends ``t`` to the next ring rank and receives the previous
 rank's tensor with ``batch_isend_irecv``; ``wait()`` returns it. The caller computes in
@@ -12,6 +14,8 @@ between, so the transfer overlaps the current block.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -53,13 +57,19 @@ class RingExchange:
 
 
 class GatherLayout:
-    """How the gathered pieces of one all-to-all are ordered into the ring block."""
+    """Where each gathered piece of one all-to-all goes in the ring block."""
 
     def __init__(self, ulysses_degree: int, ring_impl: str) -> None:
         self.degree = ulysses_degree
         self.pieces = pieces_per_rank(ring_impl)
         # order[j] = gathered piece (source rank u, piece i) as u * pieces + i, for slot j.
         self.order = gather_piece_order(ulysses_degree, ring_impl)
+        # slot[i][u]: the ring-block slot of piece i of ulysses rank u.
+        slot_of = {piece: j for j, piece in enumerate(self.order)}
+        self.slot = [
+            [slot_of[u * self.pieces + i] for u in range(ulysses_degree)]
+            for i in range(self.pieces)
+        ]
 
 
 def split_heads(x: torch.Tensor, ulysses_degree: int, chunks: int) -> list[torch.Tensor]:
@@ -73,61 +83,135 @@ def split_heads(x: torch.Tensor, ulysses_degree: int, chunks: int) -> list[torch
     return [parts[:, :, :, c] for c in range(chunks)]
 
 
-def pack_seq_to_heads(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Views [b, s, U, h_i, d] -> one send buffer [U, b, s, sum h_i, d]."""
-    b, s, u, _, d = tensors[0].shape
+def _as_words(x: torch.Tensor) -> torch.Tensor | None:
+    """``x`` viewed as int64 words along its last dim, if its strides and offset allow."""
+    size = x.element_size()
+    if size >= 8 or x.dim() == 0 or x.stride(-1) != 1 or x.shape[-1] * size % 8:
+        return None
+    if x.storage_offset() * size % 8 or any(st * size % 8 for st in x.stride()[:-1]):
+        return None
+    return x.view(torch.int64)
+
+
+def copy_words_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``dst.copy_(src)`` for same-dtype tensors, moving 8-byte words where the layout allows.
+
+    A permuted copy of 2-byte elements runs the element-wise kernel at a fraction of the
+    memory bandwidth; the same bytes moved as int64 words need a quarter of the index work.
+    """
+    words = (_as_words(dst), _as_words(src)) if dst.dtype == src.dtype else (None, None)
+    if words[0] is not None and words[1] is not None:
+        words[0].copy_(words[1])
+    else:
+        dst.copy_(src)
+    return dst
+
+
+class PendingExchange:
+    """All-to-alls in flight; ``wait()`` makes the current stream wait and returns the result.
+
+    ``sent``: the sequence-major tensor [b, U*s, H, d] that went out (heads -> sequence),
+    which the caller may keep instead of the kernel's own output (same values, and the
+    layout the gradients arrive in).
+    """
+
+    def __init__(self, works: list, result: list[torch.Tensor], keep: list[torch.Tensor],
+                 finish: Callable[[], None] | None = None, sent: torch.Tensor | None = None):
+        self._works, self._result, self._keep, self._finish = works, result, keep, finish
+        self.sent = sent
+
+    def wait(self) -> list[torch.Tensor]:
+        for work in self._works:
+            work.wait()
+        if self._finish is not None:
+            self._finish()
+        self._works, self._keep, self._finish = [], [], None
+        return self._result
+
+
+def _exchange_piece(outputs: list[torch.Tensor], inputs: list[torch.Tensor],
+                    group: ProcessGroup) -> object:
+    """One all-to-all of equal contiguous pieces: a single-tensor call where both sides are
+    consecutive in one buffer (fewer host calls), else the list form."""
+    def joined(parts: list[torch.Tensor]) -> torch.Tensor | None:
+        first, n = parts[0], parts[0].numel()
+        for i, part in enumerate(parts):
+            if part.data_ptr() != first.data_ptr() + i * n * first.element_size():
+                return None
+        return first.as_strided((len(parts), *first.shape), (n, *first.stride()))
+
+    out, inp = joined(outputs), joined(inputs)
+    if out is not None and inp is not None:
+        return dist.all_to_all_single(out, inp, group=group, async_op=True)
+    return dist.all_to_all(outputs, inputs, group=group, async_op=True)
+
+
+def seq_to_heads_start(
+    tensors: list[torch.Tensor], layout: GatherLayout, group: ProcessGroup
+) -> PendingExchange:
+    """Views [b, s, U, h_i, d] (``split_heads``) -> after ``wait()``: [b, U*s, h_i, d] each.
+
+    The tensors are packed along heads into one send buffer [pieces, U, s/pieces, b, H, d]
+    (one copy each: the all-to-all needs contiguous pieces anyway); every piece is received
+    straight into its ring-block slot of one sequence-major buffer [U*s, b, H, d], so no
+    reordering copy runs; the results are head slices of that buffer.
+    """
+    u, k = layout.degree, layout.pieces
+    b, s, _, _, d = tensors[0].shape
     heads = [t.shape[3] for t in tensors]
-    send = torch.empty(u, b, s, sum(heads), d, dtype=tensors[0].dtype, device=tensors[0].device)
-    start = 0
+    p = s // k
+    send = tensors[0].new_empty(k, u, p, b, sum(heads), d)
+    recv = tensors[0].new_empty(u * s, b, sum(heads), d)
+    result, start = [], 0
     for t, h in zip(tensors, heads):
-        send[..., start : start + h, :].copy_(t.permute(2, 0, 1, 3, 4))
+        dst = send[..., start : start + h, :]
+        copy_words_(dst, t.view(b, k, p, u, h, d).permute(1, 3, 2, 0, 4, 5))
+        result.append(recv[:, :, start : start + h].transpose(0, 1))
         start += h
-    return send
+    works = [
+        _exchange_piece([recv[j * p : (j + 1) * p] for j in layout.slot[i]],
+                        list(send[i].unbind(0)), group)
+        for i in range(k)
+    ]
+    return PendingExchange(works, result, [send])
 
 
-def unpack_seq_to_heads(
-    recv: torch.Tensor, heads: list[int], layout: GatherLayout
-) -> list[torch.Tensor]:
-    """Received [U (source rank), b, s, H, d] -> [b, U*s, h_i, d] each, in ring-block order."""
-    u, b, s, total, d = recv.shape
-    k = layout.pieces
-    pieces = recv.view(u, b, k, s // k, total, d)
-    outs, start = [], 0
-    for h in heads:
-        slots = [pieces[src // k, :, src % k, :, start : start + h] for src in layout.order]
-        outs.append(torch.cat(slots, dim=1))
-        start += h
-    return outs
+def heads_to_seq_start(
+    tensors: list[torch.Tensor],
+    destinations: list[torch.Tensor],
+    layout: GatherLayout,
+    group: ProcessGroup,
+) -> PendingExchange:
+    """[b, U*s, h_i, d] each (ring-block order) -> after ``wait()``: copied into the views
+    [b, s, U, h_i, d] ``destinations``. The inverse of :func:`seq_to_heads_start`.
 
-
-def pack_heads_to_seq(tensors: list[torch.Tensor], layout: GatherLayout) -> torch.Tensor:
-    """[b, U*s, h_i, d] each (ring-block order) -> one send buffer [U, b, s, sum h_i, d]."""
+    One sequence-major tensor is sent slot by slot as it is; otherwise the tensors are
+    packed along heads into a sequence-major buffer first (one copy each).
+    """
     u, k = layout.degree, layout.pieces
     b, s_full, _, d = tensors[0].shape
-    s = s_full // u
     heads = [t.shape[2] for t in tensors]
-    send = torch.empty(u, b, s, sum(heads), d, dtype=tensors[0].dtype, device=tensors[0].device)
-    send_pieces = send.view(u, b, k, s // k, sum(heads), d)
-    start = 0
-    for t, h in zip(tensors, heads):
-        slots = t.reshape(b, u * k, s // k, h, d)
-        for slot, src in enumerate(layout.order):
-            send_pieces[src // k, :, src % k, :, start : start + h].copy_(slots[:, slot])
-        start += h
-    return send
+    p = s_full // (u * k)
+    send = tensors[0].transpose(0, 1)
+    if len(tensors) > 1 or not send.is_contiguous():
+        send = tensors[0].new_empty(s_full, b, sum(heads), d)
+        start = 0
+        for t, h in zip(tensors, heads):
+            copy_words_(send[:, :, start : start + h], t.transpose(0, 1))
+            start += h
+    recv = tensors[0].new_empty(k, u, p, b, sum(heads), d)
+    works = [
+        _exchange_piece(list(recv[i].unbind(0)),
+                        [send[j * p : (j + 1) * p] for j in layout.slot[i]], group)
+        for i in range(k)
+    ]
 
+    def finish() -> None:
+        start = 0
+        for dest, h in zip(destinations, heads):
+            src = recv[..., start : start + h, :].permute(3, 0, 2, 1, 4, 5)
+            copy_words_(dest.view(b, k, p, u, h, d), src)
+            start += h
 
-def unpack_heads_to_seq(recv: torch.Tensor, destinations: list[torch.Tensor]) -> None:
-    """Received [U (head group), b, s, H, d] -> copied into views [b, s, U, h_i, d]."""
-    start = 0
-    for dest in destinations:
-        h = dest.shape[3]
-        dest.copy_(recv[..., start : start + h, :].permute(1, 2, 0, 3, 4))
-        start += h
-
-
-def all_to_all_start(send: torch.Tensor, group: ProcessGroup) -> tuple[torch.Tensor, object]:
-    """Start an all-to-all over dim 0 of ``send``; returns (receive buffer, work to wait on)."""
-    recv = torch.empty_like(send)
-    work = dist.all_to_all_single(recv, send, group=group, async_op=True)
-    return recv, work
+    return PendingExchange(works, list(destinations), [send, recv], finish,
+                           sent=send.transpose(0, 1))
