@@ -8,7 +8,7 @@ import pytest
 import torch
 from usp_cases import run_all_cases
 
-from usp_megatron.attention import default_head_chunks, kv_heads_for_ulysses
+from usp_megatron.attention import kv_heads_for_ulysses
 from usp_megatron.testing import run_distributed
 
 
@@ -41,12 +41,6 @@ def test_usp_matches_single_rank_bf16_nccl(world_size, backend):
     assert len(per_rank[0]) >= 3 * 2 * 3, "too few cases ran"
     failures = _failures(per_rank, 1e-2)
     assert not failures, "\n".join(failures[:20])
-
-
-def test_default_head_chunks():
-    assert default_head_chunks(8, 8, 32768) == 2
-    assert default_head_chunks(8, 1, 32768) == 1  # one kv head per rank cannot be split
-    assert default_head_chunks(8, 8, 8192) == 1  # short ring blocks: fewer kernel calls
 
 
 def test_kv_heads_replicated_just_enough():

@@ -20,7 +20,7 @@ EXPECTED = {
     "unknown backend": "backend must be one of .* got 'xformers'",
     "backend on wrong device": "'torch_flash' cannot run on device cpu",
     "head chunks": "head_chunks=3 must divide the query heads per rank 2",
-    "zero head chunks": "head_chunks must be a positive integer or None, got 0",
+    "zero head chunks": "head_chunks must be a positive integer, got 0",
     "still works": "ok",
 }
 

@@ -21,14 +21,14 @@ def factorizations(world_size: int) -> list[tuple[int, int]]:
     return [(u, world_size // u) for u in range(1, world_size + 1) if world_size % u == 0]
 
 
-def head_configs(ulysses: int) -> list[tuple[int, int, int | None]]:
+def head_configs(ulysses: int) -> list[tuple[int, int, int]]:
     """(hq, hkv, head_chunks): MHA with and without chunked all-to-all, GQA, MQA, and a GQA
     whose kv heads do not divide by U (needs replication)."""
-    configs = [(8, 8, None), (8, 2, None), (8, 1, None)]
+    configs = [(8, 8, 1), (8, 2, 1), (8, 1, 1)]
     if (8 // ulysses) % 2 == 0:
         configs.append((8, 8, 2))
     if 12 % ulysses == 0:
-        configs.append((12, 6, None))
+        configs.append((12, 6, 1))
     return [config for config in configs if config[0] % ulysses == 0]
 
 

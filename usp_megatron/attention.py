@@ -6,9 +6,10 @@ rank holds ``hq / U`` heads of its ring block (``S / R`` tokens); ring attention
 ring group computes those heads over the whole sequence; the all-to-all back restores
 the local shard with all heads.
 
-The heads go through in ``head_chunks`` independent chunks, all all-to-alls started up
-front: chunk ``c + 1`` travels while chunk ``c`` computes, and chunk ``c``'s output travels
-back while chunk ``c + 1`` computes. The backward mirrors this with the gradients.
+The all-to-alls receive straight into the ring block's layout (``comm``), so the kernels
+read what arrived without a reordering copy. Optionally (``head_chunks`` > 1) the heads
+go through in independent chunks, all all-to-alls started up front: chunk ``c + 1``
+travels while chunk ``c`` computes. The backward mirrors this with the gradients.
 """
 
 from __future__ import annotations
@@ -87,22 +88,6 @@ class _UlyssesRingFunction(torch.autograd.Function):
         return None, None, None, None, dq, dk, dv
 
 
-# Ring blocks at least this long go through the all-to-all in two head chunks.
-CHUNKED_RING_BLOCK = 16384
-
-
-def default_head_chunks(q_heads_per_rank: int, kv_heads_per_rank: int, ring_block: int) -> int:
-    """Two chunks for ring blocks of 16K tokens or more, where both head counts allow.
-
-    Measured on 4 H100s (docs/benchmarks.md): two chunks cut forward+backward time by 6-8%
-    at 16K-32K-token ring blocks, four were slower. Shorter blocks are bound by host time
-    per kernel call (a profile of 8K-token training), so they are not split further.
-    """
-    if ring_block < CHUNKED_RING_BLOCK:
-        return 1
-    return math.gcd(q_heads_per_rank, kv_heads_per_rank, 2)
-
-
 class LongContextAttention(nn.Module):
     """USP attention over ``groups``; inputs and output are this rank's sequence shard."""
 
@@ -111,15 +96,17 @@ class LongContextAttention(nn.Module):
         groups: USPGroups,
         ring_impl: str = "zigzag",
         backend: str = "auto",
-        head_chunks: int | None = None,
+        head_chunks: int = 1,
     ):
-        """``head_chunks``: how many pieces the heads go through the all-to-all in, to
-        overlap it with compute (None: ``default_head_chunks``; 1: no overlap)."""
+        """``head_chunks``: how many pieces the heads go through the all-to-all in, so that
+        one chunk's all-to-all overlaps another's compute. 1 (no overlap) is the default:
+        on 4 H100s the overlapped NCCL kernels slowed the attention kernels by as much as
+        the overlap saved (docs/benchmarks.md); slower links may want 2."""
         super().__init__()
         check_ring_impl(ring_impl)
         check_backend(backend)
-        if head_chunks is not None and (not isinstance(head_chunks, int) or head_chunks < 1):
-            raise ValueError(f"head_chunks must be a positive integer or None, got {head_chunks!r}")
+        if not isinstance(head_chunks, int) or isinstance(head_chunks, bool) or head_chunks < 1:
+            raise ValueError(f"head_chunks must be a positive integer, got {head_chunks!r}")
         self.groups, self.ring_impl, self.backend = groups, ring_impl, backend
         self.head_chunks = head_chunks
         self.ring = RingContext(groups.ring_group, groups.ring_rank, groups.ring_degree, ring_impl)
@@ -167,8 +154,7 @@ class LongContextAttention(nn.Module):
         if hkv != k.shape[2]:
             repeat = hkv // k.shape[2]
             k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
-        ring_block = q.shape[1] * u
-        chunks = self.head_chunks or default_head_chunks(q.shape[2] // u, hkv // u, ring_block)
+        chunks = self.head_chunks
         if (q.shape[2] // u) % chunks or (hkv // u) % chunks:
             raise ValueError(
                 f"head_chunks={chunks} must divide the query heads per rank {q.shape[2] // u} "
