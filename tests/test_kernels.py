@@ -9,7 +9,12 @@ from usp_megatron.kernels import BACKENDS, available_backends, get_kernel
 HEADS = [(4, 4), (4, 2), (4, 1)]
 
 
-def _check_kernel(kernel, device, dtype, hq, hkv, causal, tol, sq=48, sk=48, d=32):
+def _seq_major(t):
+    """The same values stored [s, b, h, d]: what the ulysses all-to-all hands the kernels."""
+    return t.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+def _check_kernel(kernel, device, dtype, hq, hkv, causal, tol, sq=48, sk=48, d=32, layout="bshd"):
     gen = torch.Generator().manual_seed(hq * 100 + hkv * 10 + causal)
     q = torch.randn(2, sq, hq, d, generator=gen, dtype=torch.float64)
     k = torch.randn(2, sk, hkv, d, generator=gen, dtype=torch.float64)
@@ -27,11 +32,12 @@ def _check_kernel(kernel, device, dtype, hq, hkv, causal, tol, sq=48, sk=48, d=3
     ref_lse = scores.logsumexp(-1)
 
     to = dict(device=device, dtype=dtype)
-    qd, kd, vd, doutd = (t.to(**to) for t in (q, k, v, dout))
+    lay = _seq_major if layout == "seq_major" else (lambda t: t)
+    qd, kd, vd, doutd = (lay(t.to(**to)) for t in (q, k, v, dout))
     out, lse = kernel.forward(qd, kd, vd, causal, scale)
     assert out.shape == (2, sq, hq, d) and out.dtype == dtype
     assert lse.shape == (2, hq, sq) and lse.dtype in (torch.float32, torch.float64)
-    dq, dk, dv = kernel.backward(doutd, qd, kd, vd, out, lse, causal, scale)
+    dq, dk, dv = kernel.backward(doutd, qd, kd, vd, lay(out), lse, causal, scale)
     errors = {
         "out": rel_error(out, ref),
         "lse": rel_error(lse, ref_lse),
@@ -45,8 +51,10 @@ def _check_kernel(kernel, device, dtype, hq, hkv, causal, tol, sq=48, sk=48, d=3
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("hq,hkv", HEADS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
-def test_reference_kernel_cpu(dtype, tol, hq, hkv, causal):
-    _check_kernel(get_kernel("reference", "cpu", dtype), "cpu", dtype, hq, hkv, causal, tol)
+@pytest.mark.parametrize("layout", ["bshd", "seq_major"])
+def test_reference_kernel_cpu(layout, dtype, tol, hq, hkv, causal):
+    kernel = get_kernel("reference", "cpu", dtype)
+    _check_kernel(kernel, "cpu", dtype, hq, hkv, causal, tol, layout=layout)
 
 
 def test_auto_is_reference_on_cpu():
@@ -74,8 +82,10 @@ GPU_BACKENDS = [b for b in BACKENDS if b not in ("auto", "reference")]
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("hq,hkv", HEADS)
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_gpu_kernels_bf16(backend, hq, hkv, causal):
+@pytest.mark.parametrize("layout", ["bshd", "seq_major"])
+def test_gpu_kernels_bf16(layout, backend, hq, hkv, causal):
     if backend not in available_backends("cuda", torch.bfloat16):
         pytest.skip(f"{backend} is not available on this machine")
     kernel = get_kernel(backend, "cuda", torch.bfloat16)
-    _check_kernel(kernel, "cuda", torch.bfloat16, hq, hkv, causal, 1e-2, sq=256, sk=256, d=128)
+    _check_kernel(kernel, "cuda", torch.bfloat16, hq, hkv, causal, 1e-2, sq=256, sk=256, d=128,
+                  layout=layout)

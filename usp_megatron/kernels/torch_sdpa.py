@@ -111,6 +111,10 @@ class EfficientSDPAKernel:
         causal: bool, scale: float,
     ) -> Triple:
         hq, hkv, sq = q.shape[2], k.shape[2], q.shape[1]
+        if out.stride(1) != out.shape[2] * out.shape[3] or out.stride(2) != out.shape[3]:
+            # The op's backward reads out with the row stride of a [b, s, h, d] tensor,
+            # whatever out's own strides are (dq and dk came out wrong with batch 2).
+            out = out.contiguous()
         padded = torch.full(
             (*lse.shape[:2], -(-sq // 32) * 32), float("inf"), dtype=lse.dtype, device=lse.device
         )
