@@ -2,6 +2,7 @@
 """USP attention against PyTorch's context parallel and YunChang, on the GPUs of one host.
 
     torchrun --nproc-per-node N benchmarks/bench_attention.py [--seqlens 32768,65536] [--out DIR]
+    python benchmarks/bench_attention.py --replot DIR/bench.json   # tables and plot again
 
 docs/benchmark_method.md says how to run it and what each column means. The design in brief:
 
@@ -709,7 +710,7 @@ def plot_fractions(records: list[dict], path: Path, meta: dict) -> str:
         for r in ok:
             if (r["mode"], r["kv_heads"]) != (mode, kv):
                 continue
-            name = {"usp": "USP (best config)", "torch_cp": f"PyTorch CP ({r['kernel']})",
+            name = {"usp": f"USP best ({r['kernel']})", "torch_cp": f"PyTorch CP ({r['kernel']})",
                     "yunchang": f"YunChang best ({r['kernel']})"}[r["family"]]
             points = series.setdefault(name, {})
             best = points.get(r["seq_len"])
@@ -722,7 +723,7 @@ def plot_fractions(records: list[dict], path: Path, meta: dict) -> str:
             if name.startswith("USP"):
                 for s in seqs:
                     r = points[s]
-                    ax.annotate(f"{r['ulysses']}x{r['ring']} {r['impl']}\n{r['kernel']}",
+                    ax.annotate(f"{r['ulysses']}x{r['ring']} {r['impl']}",
                                 (s, r["fraction_of_ideal"]), fontsize=7,
                                 textcoords="offset points", xytext=(0, 6), ha="center")
         ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
@@ -849,7 +850,18 @@ def plan_methods(args: argparse.Namespace, world: int) -> list[Method]:
     return methods
 
 
+def replot(path: Path) -> None:
+    """Tables and plot again from a saved bench.json (no GPUs needed), next to it."""
+    data = json.loads(path.read_text())
+    records, meta = data["records"], data["meta"]
+    print(plot_fractions(records, path.with_suffix(".png"), meta))
+    print(format_summary(records, meta))
+
+
 def main(argv: list[str] | None = None) -> None:
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--replot":
+        replot(Path(sys.argv[2]))
+        return
     args = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun sets it
     try:

@@ -32,3 +32,10 @@ def test_benchmark_smoke_on_cpu(tmp_path):
             errors += [record["err_dq"], record["err_dk"], record["err_dv"]]
         assert max(errors) < 1e-5, record
     assert (tmp_path / "bench.png").stat().st_size > 0
+
+    (tmp_path / "bench.png").unlink()
+    replot = [sys.executable, str(REPO / "benchmarks" / "bench_attention.py"), "--replot",
+              str(tmp_path / "bench.json")]
+    done = subprocess.run(replot, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "SUMMARY" in done.stdout and (tmp_path / "bench.png").stat().st_size > 0
