@@ -27,6 +27,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import timedelta
@@ -42,11 +43,24 @@ from usp_megatron import LongContextAttention, init_usp_groups  # noqa: E402
 from usp_megatron.kernels import get_kernel  # noqa: E402
 
 
-def median_ms(step: Callable[[], object], warmup: int, iters: int) -> float:
-    for _ in range(warmup):
+def median_ms(args: argparse.Namespace, step: Callable[[], object], iters: int | None = None
+              ) -> float:
+    """Median milliseconds of ``iters`` (default ``--iters``) calls after ``--warmup``: CUDA
+    events, or the host clock on CPU (``--device cpu`` only checks that the script runs)."""
+    for _ in range(args.warmup):
         step()
-    torch.cuda.synchronize()
+    iters = iters or args.iters
+    cuda = args.torch_device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
     dist.barrier()
+    if not cuda:
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(iters)]
     for start, end in events:
@@ -57,14 +71,15 @@ def median_ms(step: Callable[[], object], warmup: int, iters: int) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
-def world_max(value: float) -> float:
-    t = torch.tensor([value], device="cuda", dtype=torch.float64)
+def world_max(args: argparse.Namespace, value: float) -> float:
+    t = torch.tensor([value], device=args.torch_device, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
 
 
-def randn(*shape: int, grad: bool = False) -> torch.Tensor:
-    return torch.randn(*shape, device="cuda", dtype=torch.bfloat16).requires_grad_(grad)
+def randn(args: argparse.Namespace, *shape: int, grad: bool = False) -> torch.Tensor:
+    x = torch.randn(*shape, device=args.torch_device, dtype=args.torch_dtype)
+    return x.requires_grad_(grad)
 
 
 def kernel_floor(args: argparse.Namespace, heads_list: list[int]) -> list[dict]:
@@ -72,20 +87,22 @@ def kernel_floor(args: argparse.Namespace, heads_list: list[int]) -> list[dict]:
     rows = []
     s, d = args.seq_len, args.head_dim
     for backend in args.backends:
-        kernel = get_kernel(backend, torch.device("cuda"), torch.bfloat16)
+        kernel = get_kernel(backend, args.torch_device, args.torch_dtype)
         for heads in heads_list:
-            q, k, v, dout = (randn(1, s, heads, d) for _ in range(4))
+            q, k, v, dout = (randn(args, 1, s, heads, d) for _ in range(4))
 
             def ours(q=q, k=k, v=v, dout=dout, kernel=kernel):
                 out, lse = kernel.forward(q, k, v, True, d**-0.5)
                 return kernel.backward(dout, q, k, v, out, lse, True, d**-0.5)
 
-            ms = world_max(median_ms(ours, args.warmup, args.iters))
+            ms = world_max(args, median_ms(args, ours))
             rows.append(dict(part="kernel", backend=backend, layout="bshd", heads=heads, ms=ms))
         del q, k, v, dout
+    if args.torch_device.type != "cuda":
+        return rows
     for heads in heads_list:  # the one-GPU baseline's own call: SDPA on contiguous bhsd
-        q, k, v = (randn(1, heads, s, d, grad=True) for _ in range(3))
-        dout = randn(1, heads, s, d)
+        q, k, v = (randn(args, 1, heads, s, d, grad=True) for _ in range(3))
+        dout = randn(args, 1, heads, s, d)
 
         def sdpa(q=q, k=k, v=v, dout=dout):
             from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -94,7 +111,7 @@ def kernel_floor(args: argparse.Namespace, heads_list: list[int]) -> list[dict]:
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             out.backward(dout)
 
-        ms = world_max(median_ms(sdpa, args.warmup, args.iters))
+        ms = world_max(args, median_ms(args, sdpa))
         rows.append(dict(part="kernel", backend="sdpa_cudnn", layout="bhsd", heads=heads, ms=ms))
         del q, k, v, dout
     return rows
@@ -107,10 +124,10 @@ def all_to_all_bandwidth(args: argparse.Namespace) -> list[dict]:
     for tensors in (1, 3):
         for chunks in (1, 2):
             mib = local_mib * tensors / chunks
-            send = torch.randn(int(mib * 2**20) // 2, device="cuda", dtype=torch.bfloat16)
+            send = randn(args, int(mib * 2**20) // 2)
             recv = torch.empty_like(send)
-            ms = world_max(median_ms(lambda s=send, r=recv: dist.all_to_all_single(r, s),
-                                     args.warmup, args.iters))
+            ms = world_max(args, median_ms(args, lambda s=send, r=recv:
+                                           dist.all_to_all_single(r, s)))
             moved = mib * (world - 1) / world / 1024  # GiB leaving each rank
             rows.append(dict(part="all_to_all", tensors=tensors, chunks=chunks, mib=mib, ms=ms,
                              gib_per_s=moved / (ms / 1e3)))
@@ -123,27 +140,27 @@ def copy_bandwidth(args: argparse.Namespace) -> list[dict]:
 
     world = dist.get_world_size()
     s, h, d = args.seq_len // world, args.heads // world, args.head_dim
-    src = randn(1, s, world, h, d)
-    dst = torch.empty(world, s, 1, h, d, device="cuda", dtype=torch.bfloat16)
+    src = randn(args, 1, s, world, h, d)
+    dst = torch.empty(world, s, 1, h, d, device=args.torch_device, dtype=args.torch_dtype)
     view = src.permute(2, 1, 0, 3, 4)
     rows = []
     for name, fn in (("bf16 copy_", lambda: dst.copy_(view)),
                      ("int64 words", lambda: copy_words_(dst, view)),
                      ("contiguous copy", lambda: dst.copy_(src.view(dst.shape)))):
-        ms = world_max(median_ms(fn, args.warmup, args.iters))
+        ms = world_max(args, median_ms(args, fn))
         gb = 2 * src.numel() * src.element_size() / 1e9
-        rows.append(dict(part="copy", kind=name, mib=src.numel() * 2 / 2**20, ms=ms,
+        rows.append(dict(part="copy", kind=name, mib=gb / 2 * 1e9 / 2**20, ms=ms,
                          tb_per_s=gb / ms))
     return rows
 
 
-def usp_step(args: argparse.Namespace, u: int, r: int, chunks: int | None, backend: str):
+def usp_step(args: argparse.Namespace, u: int, r: int, chunks: int, backend: str):
     world = dist.get_world_size()
     groups = init_usp_groups(u, r)
     attn = LongContextAttention(groups, ring_impl=args.impl, backend=backend, head_chunks=chunks)
     s_local, h, d = args.seq_len // world, args.heads, args.head_dim
-    q, k, v = (randn(1, s_local, h, d, grad=True) for _ in range(3))
-    dout = randn(1, s_local, h, d)
+    q, k, v = (randn(args, 1, s_local, h, d, grad=True) for _ in range(3))
+    dout = randn(args, 1, s_local, h, d)
 
     def step():
         for x in (q, k, v):
@@ -158,15 +175,15 @@ def variants(args: argparse.Namespace) -> list[dict]:
     for u, r in args.configs:
         for backend in args.backends:
             for chunks in args.chunks:
-                step = usp_step(args, u, r, chunks or None, backend)
+                step = usp_step(args, u, r, chunks, backend)
                 try:
-                    ms = world_max(median_ms(step, args.warmup, args.iters))
+                    ms = world_max(args, median_ms(args, step))
                 except ValueError as exc:  # chunks that do not divide the heads
                     ms = float("nan")
                     if dist.get_rank() == 0:
                         print(f"  {u}x{r} chunks={chunks}: {exc}")
                 rows.append(dict(part="usp", config=f"U{u}R{r}", backend=backend,
-                                 chunks=chunks or "default", ms=ms))
+                                 chunks=chunks, ms=ms))
                 del step
                 torch.cuda.empty_cache()
     return rows
@@ -189,14 +206,15 @@ def profile(args: argparse.Namespace, out_dir: Path) -> list[dict]:
 
     rows = []
     for u, r in args.trace:
-        step = usp_step(args, u, r, args.chunks[0] or None, args.backends[0])
-        median_ms(step, args.warmup, 2)
-        torch.cuda.synchronize()
-        dist.barrier()
-        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step = usp_step(args, u, r, args.chunks[0], args.backends[0])
+        median_ms(args, step, 2)
+        cuda = args.torch_device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with torch_profile(activities=activities) as prof:
             for _ in range(2):
                 step()
-            torch.cuda.synchronize()
+            if cuda:
+                torch.cuda.synchronize()
         dist.barrier()
         if dist.get_rank() != 0:
             continue
@@ -206,13 +224,19 @@ def profile(args: argparse.Namespace, out_dir: Path) -> list[dict]:
             device_us = getattr(evt, "self_device_time_total", None)
             if device_us is None:
                 device_us = evt.self_cuda_time_total
-            if device_us <= 0 or evt.device_type != torch.autograd.DeviceType.CUDA:
+            kernel = evt.device_type == torch.autograd.DeviceType.CUDA
+            if cuda and not kernel:
+                continue
+            if not cuda:  # CPU: the top-level ops' host time, to check the script runs
+                device_us = evt.self_cpu_time_total
+            if device_us <= 0:
                 continue
             by_kind[kernel_kind(evt.key)] += device_us / 2e3  # ms per step
             by_name[evt.key][0] += evt.count / 2
             by_name[evt.key][1] += device_us / 2e3
         top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[: args.top]
         rows.append(dict(part="profile", config=f"U{u}R{r}", by_kind=dict(by_kind),
+                         where="rank 0's GPU" if cuda else "rank 0's host",
                          top=[dict(name=n[:110], calls=c, ms=ms) for n, (c, ms) in top]))
         trace = out_dir / f"trace_U{u}R{r}.json"
         prof.export_chrome_trace(str(trace))
@@ -227,7 +251,7 @@ def profile(args: argparse.Namespace, out_dir: Path) -> list[dict]:
 def print_rows(rows: list[dict]) -> None:
     for row in rows:
         if row["part"] == "profile":
-            print(f"-- profile {row['config']} (rank 0 GPU, ms per step by kind): "
+            print(f"-- profile {row['config']} ({row['where']}, ms per step by kind): "
                   + ", ".join(f"{k} {v:.2f}" for k, v in sorted(row["by_kind"].items())))
             for t in row["top"]:
                 print(f"   {t['ms']:8.3f} ms  {t['calls']:6.1f} calls  {t['name']}")
@@ -244,14 +268,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--impl", default="zigzag")
     p.add_argument("--backends", default="torch_cudnn")
     p.add_argument("--configs", default=None, help="UxR list (default: every factorisation)")
-    p.add_argument("--chunks", default="1,2", help="head chunks to try (0: the default)")
+    p.add_argument("--chunks", default="1,2", help="head chunks to try")
     p.add_argument("--trace", default=None, help="UxR configs to profile (default: --configs)")
     p.add_argument("--parts", default="kernel,all_to_all,usp,profile")
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                   help="cpu: gloo, float32, a smoke run of the script (timings meaningless)")
     p.add_argument("--out", default=os.environ.get("OUT") or "profile_out")
     args = p.parse_args(argv)
+    args.torch_dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     args.backends = args.backends.split(",")
     args.chunks = [int(c) for c in args.chunks.split(",")]
     args.parts = args.parts.split(",")
@@ -271,16 +298,22 @@ def parse_configs(text: str | None, world: int) -> list[tuple[int, int]]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl", timeout=timedelta(seconds=300),
-                            device_id=torch.device("cuda", local_rank))
+    if args.device == "cuda":
+        args.torch_device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(args.torch_device)
+        dist.init_process_group("nccl", timeout=timedelta(seconds=300),
+                                device_id=args.torch_device)
+    else:
+        args.torch_device = torch.device("cpu")
+        dist.init_process_group("gloo", timeout=timedelta(seconds=300))
     world = dist.get_world_size()
     args.configs = parse_configs(args.configs, world)
     args.trace = parse_configs(args.trace, world) if args.trace else args.configs
     out_dir = Path(args.out)
     if dist.get_rank() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        print(f"{torch.cuda.get_device_name()} x {world}, torch {torch.__version__}, "
+        name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+        print(f"{name} x {world}, torch {torch.__version__}, "
               f"S={args.seq_len} heads={args.heads} d={args.head_dim} impl={args.impl}")
     heads = sorted({args.heads // (u * c) for u, _ in args.configs for c in (1, 2)}
                    | {args.heads}, reverse=True)
