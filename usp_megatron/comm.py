@@ -1,12 +1,14 @@
-"""Communication: the ulysses all-to-all (with autograd) and the ring's neighbour exchange.
+"""Communication: the ulysses all-to-all and the ring's neighbour exchange.
 
 All-to-all: ``[b, s_local, h, d]`` on each of ``U`` ranks becomes ``[b, U * s_local, h/U, d]``
-(scatter heads, gather sequence) and back. Each tensor is copied once into a send buffer
-(the all-to-all needs its pieces contiguous anyway) and every piece is received straight
-into its slot of the ring block (``layout.gather_piece_order``), so no reordering copy runs
-on the way in; on the way out the kernels' outputs are sent slot by slot as they are. The
-start / wait halves are separate so that the caller can overlap chunks of heads with
-compute.
+(scatter heads, gather sequence) and back. Query, key and value are copied once each into
+one send buffer (the all-to-all needs contiguous pieces anyway), and every piece is
+received straight into its slot of the ring block (``layout.gather_piece_order``): no
+reordering copy runs on the way in, and the kernels read head slices of what arrived
+(one collective per piece of a rank's shard: 2 for zigzag, 1 for basic and stripe). On
+the way out a kernel's sequence-major output is sent slot by slot as it is; gradients are
+packed once. The start / wait halves are separate so that the caller can overlap chunks
+of heads with compute. Permuted copies move 8-byte words (``copy_words_``).
 
 Ring: ``RingExchange.start(t)`` sends ``t`` to the next ring rank and receives the previous
 rank's tensor with ``batch_isend_irecv``; ``wait()`` returns it. The caller computes in
