@@ -27,7 +27,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import timedelta
@@ -39,36 +38,18 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from bench_attention import time_steps  # noqa: E402
+
 from usp_megatron import LongContextAttention, init_usp_groups  # noqa: E402
 from usp_megatron.kernels import get_kernel  # noqa: E402
 
 
 def median_ms(args: argparse.Namespace, step: Callable[[], object], iters: int | None = None
               ) -> float:
-    """Median milliseconds of ``iters`` (default ``--iters``) calls after ``--warmup``: CUDA
-    events, or the host clock on CPU (``--device cpu`` only checks that the script runs)."""
-    for _ in range(args.warmup):
-        step()
-    iters = iters or args.iters
-    cuda = args.torch_device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-    dist.barrier()
-    if not cuda:
-        times = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(iters)]
-    for start, end in events:
-        start.record()
-        step()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
+    """Median milliseconds of ``iters`` (default ``--iters``) calls after ``--warmup``,
+    timed as the benchmark times them (CUDA events; the host clock on CPU)."""
+    times = time_steps(step, args.warmup, iters or args.iters, args.torch_device, True)
+    return statistics.median(times)
 
 
 def world_max(args: argparse.Namespace, value: float) -> float:
