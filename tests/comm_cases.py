@@ -1,0 +1,52 @@
+"""The ulysses all-to-all halves, run inside a process world, checked exactly."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from usp_megatron import init_usp_groups, shard_sequence
+from usp_megatron.comm import GatherLayout, heads_to_seq_start, seq_to_heads_start, split_heads
+from usp_megatron.layout import RING_IMPLS, ring_block_positions
+
+
+def all_to_all_round_trip(dtype_name: str, head_dim: int) -> list[str]:
+    """For every factorisation and impl: two tensors (8 and 4 heads) go sequence -> heads
+    and must equal the ring block's rows of this rank's heads; then heads -> sequence
+    (packed, and one sequence-major tensor sent as it is) must give the shards back."""
+    world, dtype = dist.get_world_size(), getattr(torch, dtype_name)
+    problems = []
+    for ulysses in (u for u in range(2, world + 1) if world % u == 0):
+        ring = world // ulysses
+        groups = init_usp_groups(ulysses, ring)
+        u = groups.ulysses_rank
+        for impl in RING_IMPLS:
+            seq_len = 4 * world
+            gen = torch.Generator().manual_seed(ulysses * 10 + len(impl))
+            fulls = [torch.randn(2, seq_len, h, head_dim, generator=gen).to(dtype) for h in (8, 4)]
+            shards = [shard_sequence(x, 1, groups, impl) for x in fulls]
+            layout = GatherLayout(ulysses, impl)
+            views = [split_heads(x, ulysses, 1)[0] for x in shards]
+            got = seq_to_heads_start(views, layout, groups.ulysses_group).wait()
+            rows = ring_block_positions(seq_len, ulysses, ring, groups.ring_rank, impl)
+            case = f"U{ulysses}R{ring} {impl} {dtype_name} d={head_dim}"
+            for x, g in zip(fulls, got):
+                per = x.shape[2] // ulysses
+                want = x[:, rows, u * per : (u + 1) * per]
+                if not torch.equal(g, want):
+                    problems.append(f"{case}: sequence -> heads differs")
+            backs = [torch.full_like(x, float("nan")) for x in shards]
+            dests = [split_heads(x, ulysses, 1)[0] for x in backs]
+            heads_to_seq_start(got, dests, layout, groups.ulysses_group).wait()
+            dense = got[0].transpose(0, 1).contiguous().transpose(0, 1)  # sent as it is
+            single = torch.full_like(shards[0], float("nan"))
+            pending = heads_to_seq_start([dense], [split_heads(single, ulysses, 1)[0]], layout,
+                                         groups.ulysses_group)
+            pending.wait()
+            if pending.sent.data_ptr() != dense.data_ptr():
+                problems.append(f"{case}: a sequence-major tensor was copied before sending")
+            for name, back, want in (("packed", backs[0], shards[0]), ("packed", backs[1],
+                                     shards[1]), ("as it is", single, shards[0])):
+                if not torch.equal(back, want):
+                    problems.append(f"{case}: heads -> sequence ({name}) differs")
+    return problems
