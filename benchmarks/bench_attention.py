@@ -48,7 +48,6 @@ import usp_megatron  # noqa: E402
 from usp_megatron import LongContextAttention, init_usp_groups  # noqa: E402
 from usp_megatron.kernels import BACKENDS, available_backends  # noqa: E402
 from usp_megatron.layout import RING_IMPLS  # noqa: E402
-from usp_megatron.sharding import rank_positions  # noqa: E402
 
 MODES = ("fwd", "fwdbwd")
 BWD_FLOP_FACTOR = 3.5  # forward + backward = 1 + 2.5 forwards (5 matmuls vs 2; no recompute)
@@ -321,7 +320,7 @@ class Bench:
         if method.family == "usp":
             groups = self.usp_groups(u, r)
             attn = LongContextAttention(groups, ring_impl=method.impl, backend=method.backend)
-            positions = rank_positions(s, groups, method.impl)
+            positions = attn.positions(s)
             attend = functools.partial(attn, causal=True)
             yield shard_of(problem, positions.to(self.device), False, attend, grad)
         elif method.family == "yunchang":

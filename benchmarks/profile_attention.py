@@ -42,6 +42,7 @@ from bench_attention import time_steps  # noqa: E402
 
 from usp_megatron import LongContextAttention, init_usp_groups  # noqa: E402
 from usp_megatron.kernels import get_kernel  # noqa: E402
+from usp_megatron.mask import CAUSAL  # noqa: E402
 
 
 def median_ms(args: argparse.Namespace, step: Callable[[], object], iters: int | None = None
@@ -73,8 +74,8 @@ def kernel_floor(args: argparse.Namespace, heads_list: list[int]) -> list[dict]:
             q, k, v, dout = (randn(args, 1, s, heads, d) for _ in range(4))
 
             def ours(q=q, k=k, v=v, dout=dout, kernel=kernel):
-                out, lse = kernel.forward(q, k, v, True, d**-0.5)
-                return kernel.backward(dout, q, k, v, out, lse, True, d**-0.5)
+                out, lse = kernel.forward(q, k, v, CAUSAL, d**-0.5)
+                return kernel.backward(dout, q, k, v, out, lse, CAUSAL, d**-0.5)
 
             ms = world_max(args, median_ms(args, ours))
             rows.append(dict(part="kernel", backend=backend, layout="bshd", heads=heads, ms=ms))
@@ -117,7 +118,7 @@ def all_to_all_bandwidth(args: argparse.Namespace) -> list[dict]:
 
 def copy_bandwidth(args: argparse.Namespace) -> list[dict]:
     """The all-to-all's pack copy ([b, s, U, h, d] -> [U, s, b, h, d]) as bf16 and as words."""
-    from usp_megatron.comm import copy_words_
+    from usp_megatron.tensors import copy_words_
 
     world = dist.get_world_size()
     s, h, d = args.seq_len // world, args.heads // world, args.head_dim

@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 
 from usp_megatron import init_usp_groups, shard_sequence
-from usp_megatron.comm import GatherLayout, heads_to_seq_start, seq_to_heads_start, split_heads
-from usp_megatron.layout import RING_IMPLS, ring_block_positions
+from usp_megatron.comm import heads_to_seq_start, seq_to_heads_start, split_heads
+from usp_megatron.layout import RING_IMPLS, get_layout, ring_block_positions
 
 
 def all_to_all_round_trip(dtype_name: str, head_dim: int) -> list[str]:
@@ -25,7 +25,7 @@ def all_to_all_round_trip(dtype_name: str, head_dim: int) -> list[str]:
             gen = torch.Generator().manual_seed(ulysses * 10 + len(impl))
             fulls = [torch.randn(2, seq_len, h, head_dim, generator=gen).to(dtype) for h in (8, 4)]
             shards = [shard_sequence(x, 1, groups, impl) for x in fulls]
-            layout = GatherLayout(ulysses, impl)
+            layout = get_layout(impl, ulysses, ring)
             views = [split_heads(x, ulysses, 1)[0] for x in shards]
             got = seq_to_heads_start(views, layout, groups.ulysses_group).wait()
             rows = ring_block_positions(seq_len, ulysses, ring, groups.ring_rank, impl)

@@ -5,6 +5,7 @@ import torch
 from oracle import attention_float64, rel_error
 
 from usp_megatron.kernels import BACKENDS, available_backends, get_kernel
+from usp_megatron.mask import CAUSAL, FULL
 
 HEADS = [(4, 4), (4, 2), (4, 1)]
 
@@ -34,10 +35,11 @@ def _check_kernel(kernel, device, dtype, hq, hkv, causal, tol, sq=48, sk=48, d=3
     to = dict(device=device, dtype=dtype)
     lay = _seq_major if layout == "seq_major" else (lambda t: t)
     qd, kd, vd, doutd = (lay(t.to(**to)) for t in (q, k, v, dout))
-    out, lse = kernel.forward(qd, kd, vd, causal, scale)
+    mask = CAUSAL if causal else FULL
+    out, lse = kernel.forward(qd, kd, vd, mask, scale)
     assert out.shape == (2, sq, hq, d) and out.dtype == dtype
     assert lse.shape == (2, hq, sq) and lse.dtype in (torch.float32, torch.float64)
-    dq, dk, dv = kernel.backward(doutd, qd, kd, vd, lay(out), lse, causal, scale)
+    dq, dk, dv = kernel.backward(doutd, qd, kd, vd, lay(out), lse, mask, scale)
     errors = {
         "out": rel_error(out, ref),
         "lse": rel_error(lse, ref_lse),
@@ -72,7 +74,7 @@ def test_backend_errors():
 def test_causal_block_must_be_square():
     x = torch.randn(1, 4, 2, 8)
     with pytest.raises(ValueError, match="causal blocks must be square"):
-        get_kernel("reference", "cpu", torch.float32).forward(x, x[:, :3], x[:, :3], True, 1.0)
+        get_kernel("reference", "cpu", torch.float32).forward(x, x[:, :3], x[:, :3], CAUSAL, 1.0)
 
 
 GPU_BACKENDS = [b for b in BACKENDS if b not in ("auto", "reference")]

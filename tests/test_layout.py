@@ -3,13 +3,7 @@
 import pytest
 import torch
 
-from usp_megatron.layout import (
-    RING_IMPLS,
-    gather_piece_order,
-    local_positions,
-    pieces_per_rank,
-    ring_block_positions,
-)
+from usp_megatron.layout import RING_IMPLS, get_layout, local_positions, ring_block_positions
 
 DEGREES = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 2), (2, 4), (8, 1), (1, 8), (3, 2)]
 
@@ -57,8 +51,9 @@ def test_ring_blocks(ulysses, ring):
 def test_gather_piece_order_sorts_every_ring_block(impl, ulysses, ring):
     """The reorder after the all-to-all yields the ring block in position order."""
     seq_len = 2 * ulysses * ring * 3
-    k = pieces_per_rank(impl)
-    order = gather_piece_order(ulysses, impl)
+    layout = get_layout(impl, ulysses, ring)
+    k = layout.pieces_per_rank
+    order = layout.gather_order
     for r in range(ring):
         pieces = [
             piece
@@ -71,8 +66,8 @@ def test_gather_piece_order_sorts_every_ring_block(impl, ulysses, ring):
 
 def test_zigzag_piece_order_matches_design():
     """A_0..A_{U-1}, B_{U-1}..B_0 where rank u holds (A_u, B_u)."""
-    assert gather_piece_order(4, "zigzag") == [0, 2, 4, 6, 7, 5, 3, 1]
-    assert gather_piece_order(4, "stripe") == [0, 1, 2, 3]
+    assert get_layout("zigzag", 4, 1).gather_order == [0, 2, 4, 6, 7, 5, 3, 1]
+    assert get_layout("stripe", 4, 1).gather_order == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize(

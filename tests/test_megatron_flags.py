@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from usp_megatron.megatron import (
-    USPAttention,
     add_usp_args,
     apply_usp_args,
     get_gpt_layer_usp_spec,
@@ -30,6 +28,8 @@ from usp_megatron.megatron.megatron_lm import (
     wrap_parse_args,
     wrap_validate_args,
 )
+from usp_megatron.megatron.specs import USPCoreAttention
+from usp_megatron.megatron.validation import check_cp_comm_type
 
 PATCH = Path(__file__).parents[1] / "patches" / "megatron-lm-core_v0.16.1-pretrain_gpt.patch"
 
@@ -79,6 +79,7 @@ U4R2 = ("--usp-ulysses-degree", "4", "--usp-ring-degree", "2")
         (U4R2, dict(hierarchical_context_parallel_sizes=[2, 4]), "[2, 4] conflicts"),
         (U4R2, dict(num_attention_heads=12, tensor_model_parallel_size=2), "(12 / TP 2 = 6)"),
         (U4R2, dict(num_attention_heads=12, tensor_model_parallel_size=8), "divisible by the"),
+        (U4R2, dict(num_attention_heads=8, num_query_groups=3), "num_query_groups=3"),
         (U4R2, dict(seq_length=1000), "multiple of 2 * U * R = 16"),
         (U4R2 + ("--usp-ring-impl", "stripe"), dict(seq_length=1004), "multiple of U * R = 8"),
         (U4R2, dict(multi_latent_attention=True), "multi-latent attention"),
@@ -97,6 +98,30 @@ def test_combinations_usp_cannot_run_are_refused(flags, megatron_args, message):
     assert message in str(error.value)
 
 
+def test_query_groups_are_read_only_with_group_query_attention():
+    """Megatron-LM keeps --num-query-groups 1 by default and ignores it without
+    --group-query-attention: that must not be refused."""
+    args = parse(*U4R2, num_query_groups=1, group_query_attention=False)
+    validate_usp_args(apply_usp_args(args))
+    with pytest.raises(ValueError, match="num_query_groups=3"):
+        args = parse(*U4R2, num_query_groups=3, group_query_attention=True)
+        validate_usp_args(apply_usp_args(args))
+
+
+@pytest.mark.parametrize(
+    "cp_comm_type, degrees, ok",
+    [(None, (2, 2), True), ("a2a+p2p", (2, 2), True), ("p2p", (1, 4), True),
+     ("a2a", (4, 1), True), ("p2p", (2, 2), False), ("a2a", (2, 2), False),
+     ("all_gather", (1, 4), False)],
+)  # fmt: skip
+def test_cp_comm_type_is_honoured_or_refused(cp_comm_type, degrees, ok):
+    if ok:
+        check_cp_comm_type(cp_comm_type, *degrees)
+    else:
+        with pytest.raises(ValueError, match=f"cp_comm_type={cp_comm_type!r} does not describe"):
+            check_cp_comm_type(cp_comm_type, *degrees)
+
+
 def test_stripe_accepts_lengths_zigzag_refuses():
     validate_usp_args(apply_usp_args(parse(*U4R2, "--usp-ring-impl", "stripe", seq_length=1032)))
     with pytest.raises(ValueError):
@@ -113,8 +138,7 @@ def test_usp_spec_swaps_only_core_attention():
     usp = get_gpt_layer_usp_spec(ring_impl="stripe", backend="reference", normalization="RMSNorm",
                                  qk_layernorm=True)  # fmt: skip
     (core,) = _core_attentions(usp)
-    assert isinstance(core, functools.partial) and core.func is USPAttention
-    assert core.keywords == {"ring_impl": "stripe", "backend": "reference"}
+    assert core == USPCoreAttention(ring_impl="stripe", backend="reference")
     assert _core_attentions(local) == [DotProductAttention]  # the original is untouched
     attn, local_attn = usp.submodules.self_attention, local.submodules.self_attention
     assert attn.submodules.linear_qkv is local_attn.submodules.linear_qkv
@@ -128,7 +152,7 @@ def test_block_spec_with_moe_layers_is_swapped_everywhere():
     layers = get_gpt_decoder_layer_specs(config, use_transformer_engine=False)
     block = TransformerBlockSubmodules(layer_specs=layers, layer_norm=LocalSpecProvider.layer_norm)
     cores = _core_attentions(with_usp_attention(block))
-    assert len(cores) == 4 and all(core.func is USPAttention for core in cores)
+    assert len(cores) == 4 and all(isinstance(core, USPCoreAttention) for core in cores)
 
 
 def test_mla_spec_is_refused():
@@ -189,7 +213,7 @@ def test_spec_provider_hook_answers_usp_only_when_enabled():
     assert hooked(LocalSpecProvider()) is DotProductAttention
     args.usp_ulysses_degree, args.usp_ring_impl = 2, "basic"
     core = hooked(LocalSpecProvider())
-    assert core.func is USPAttention and core.keywords["ring_impl"] == "basic"
+    assert core == USPCoreAttention(ring_impl="basic", rope_sliced_for_layout=True)
 
 
 def test_patch_installs_hooks_and_flags():

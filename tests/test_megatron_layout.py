@@ -47,10 +47,11 @@ def _layout_checks(impl_positions: dict) -> dict[str, bool]:
     from megatron.core import utils as mcore_utils
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
+    from usp_megatron import local_positions
     from usp_megatron.megatron import (
         USPRotaryEmbedding,
         get_batch_on_this_usp_rank,
-        usp_positions,
+        usp_groups_from_megatron,
     )
     from usp_megatron.megatron.megatron_lm import wrap_batch_split, wrap_rotary_embedding
 
@@ -72,7 +73,10 @@ def _layout_checks(impl_positions: dict) -> dict[str, bool]:
     checks["hooks off: Megatron's RoPE"] = type(rope_hook(16, 1.0)) is RotaryEmbedding
     args.usp_ulysses_degree = 2
     for impl in ("basic", "zigzag", "stripe"):
-        positions = usp_positions(SEQ, impl)
+        g = usp_groups_from_megatron()
+        positions = local_positions(
+            SEQ, g.ulysses_degree, g.ring_degree, g.ulysses_rank, g.ring_rank, impl
+        )
         impl_positions[impl] = positions
         mine = get_batch_on_this_usp_rank(batch, impl)
         checks[f"{impl} batch at local_positions"] = all(

@@ -141,6 +141,7 @@ def _run_case(case: dict, reference: _Reference, batch: dict) -> dict[str, float
     from megatron.core import parallel_state as ps
 
     from usp_megatron.megatron import (
+        USPAttention,
         get_batch_on_this_usp_rank,
         get_gpt_layer_usp_spec,
         use_usp_rotary_embedding,
@@ -151,8 +152,15 @@ def _run_case(case: dict, reference: _Reference, batch: dict) -> dict[str, float
     impl = case["impl"]
     spec = get_gpt_layer_usp_spec(ring_impl=impl, backend="reference")
     model = _gpt(case["kv"], spec, case.get("recompute", False))
+    refused = {}
     if case["fix_rope"]:
         use_usp_rotary_embedding(model, impl)
+    elif impl != "zigzag":
+        refused["refused without the call"] = _refused_without_rope_call(model, batch, impl)
+        # Negative control: let it run with Megatron's own (zigzag) RoPE slice.
+        for module in model.modules():
+            if isinstance(module, USPAttention):
+                module.positions_confirmed = True
     named = list(model.named_parameters())
     with torch.no_grad():
         for name, param in named:
@@ -170,7 +178,19 @@ def _run_case(case: dict, reference: _Reference, batch: dict) -> dict[str, float
         dist.all_reduce(param.grad, group=cp_group)
         ref_grad = reference.shard(name, param, reference.params[name].grad)
         errors["grads"] = max(errors["grads"], _rel(param.grad, ref_grad))
-    return errors
+    return errors | refused
+
+
+def _refused_without_rope_call(model, batch: dict, impl: str) -> float:
+    """1.0 if the first forward of a stripe/basic model whose RoPE was not given the
+    layout's slice stops with an error naming the call, else 0.0."""
+    from usp_megatron.megatron import get_batch_on_this_usp_rank
+
+    try:
+        _forward_backward(model, get_batch_on_this_usp_rank(batch, impl))
+    except ValueError as error:
+        return float("use_usp_rotary_embedding(model, " in str(error))
+    return 0.0
 
 
 def run_model_cases(cases: list[dict]) -> list[tuple[str, dict[str, float]]]:
@@ -214,6 +234,8 @@ def test_gpt_logits_and_grads_match_one_rank(results, case):
     "case", [c for c in _cases() if not c["fix_rope"] and c["impl"] != "zigzag"], ids=label
 )
 def test_wrong_rope_slice_is_caught(results, case):
-    """Negative control: the comparison above can fail, and a wrong RoPE slice makes it."""
+    """Without ``use_usp_rotary_embedding`` the first forward refuses to run; forced to run
+    (negative control), a wrong RoPE slice makes the comparison above fail."""
+    assert all(errors["refused without the call"] == 1.0 for errors in results[label(case)])
     worst = max(max(errors["logits"], errors["grads"]) for errors in results[label(case)])
     assert worst > 100 * TOL, f"a wrong RoPE slice went unnoticed: {results[label(case)]}"

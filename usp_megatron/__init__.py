@@ -3,7 +3,7 @@
 from usp_megatron.attention import LongContextAttention
 from usp_megatron.groups import USPGroups, init_usp_groups, usp_groups_from
 from usp_megatron.kernels import BACKENDS, get_kernel
-from usp_megatron.layout import RING_IMPLS, local_positions
+from usp_megatron.layout import RING_IMPLS, SequenceLayout, get_layout, local_positions
 from usp_megatron.sharding import gather_sequence, shard_sequence
 
 __version__ = "0.1.0"
@@ -12,9 +12,11 @@ __all__ = [
     "BACKENDS",
     "LongContextAttention",
     "RING_IMPLS",
+    "SequenceLayout",
     "USPGroups",
     "gather_sequence",
     "get_kernel",
+    "get_layout",
     "init_usp_groups",
     "local_positions",
     "shard_sequence",

@@ -1,29 +1,26 @@
 """``LongContextAttention``: Ulysses all-to-all around ring attention.
 
-Each of the ``U x R`` ranks holds ``s_local = S / (U R)`` tokens (``layout.local_positions``)
+Each of the ``U x R`` ranks holds ``s_local = S / (U R)`` tokens (its layout's positions)
 and all heads. The all-to-all over the ulysses group trades heads for sequence, so each
 rank holds ``hq / U`` heads of its ring block (``S / R`` tokens); ring attention over the
 ring group computes those heads over the whole sequence; the all-to-all back restores
 the local shard with all heads.
-
-The all-to-alls receive straight into the ring block's layout (``comm``), so the kernels
-read what arrived without a reordering copy. Optionally (``head_chunks`` > 1) the heads
-go through in independent chunks, all all-to-alls started up front: chunk ``c + 1``
-travels while chunk ``c`` computes. The backward mirrors this with the gradients.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from usp_megatron.comm import GatherLayout, heads_to_seq_start, seq_to_heads_start, split_heads
+from usp_megatron.comm import heads_to_seq_start, seq_to_heads_start, split_heads
 from usp_megatron.groups import USPGroups
-from usp_megatron.kernels import check_backend, get_kernel
-from usp_megatron.layout import check_ring_impl, check_seq_len
-from usp_megatron.ring import RingContext, ring_attention, ring_backward, ring_forward
+from usp_megatron.kernels import AttentionKernel, check_backend, get_kernel
+from usp_megatron.layout import SequenceLayout, get_layout
+from usp_megatron.ring import ring_attention, ring_backward, ring_forward
+from usp_megatron.sharding import gather_sequence, shard_sequence
 
 
 def kv_heads_for_ulysses(num_q_heads: int, num_kv_heads: int, ulysses_degree: int) -> int:
@@ -36,60 +33,86 @@ def kv_heads_for_ulysses(num_q_heads: int, num_kv_heads: int, ulysses_degree: in
     return math.lcm(num_kv_heads, ulysses_degree) if num_kv_heads % ulysses_degree else num_kv_heads
 
 
-class _UlyssesPlan:
-    """Everything the pipelined all-to-all + ring needs besides the tensors."""
+class _RingInputs(NamedTuple):
+    """What one head chunk's ring pass saves for its backward (ring-block layout)."""
 
-    def __init__(self, groups: USPGroups, ring: RingContext, layout: GatherLayout, chunks: int):
-        self.group, self.degree = groups.ulysses_group, groups.ulysses_degree
-        self.layout, self.ring, self.chunks = layout, ring, chunks
+    q: torch.Tensor  # [b, S/R, hq/(U*chunks), d]
+    k: torch.Tensor  # [b, S/R, hkv/(U*chunks), d]
+    v: torch.Tensor
+    out: torch.Tensor  # sequence-major, the layout dout arrives in
+    lse: torch.Tensor  # [b, hq/(U*chunks), S/R]
 
 
 class _UlyssesRingFunction(torch.autograd.Function):
+    """All-to-all in, ring attention, all-to-all out; the backward mirrors it.
+
+    Forward, for each of ``chunks`` slices of the heads (all all-to-alls are started up
+    front, so chunk ``c + 1`` travels while chunk ``c`` computes):
+
+    1. ``seq_to_heads``: this rank's ``[b, s_local, h, d]`` shard of q, k, v becomes
+       ``[b, S/R, h/U, d]``: ``h/U`` heads of the whole ring block, in position order.
+    2. ring attention over the ring group on those heads: ``out``, ``lse``.
+    3. ``heads_to_seq``: ``out`` goes back to ``[b, s_local, h, d]``.
+
+    Backward: ``dout`` takes step 1's path, the ring's backward gives dq, dk, dv of the
+    ring block, and step 3's path takes them home.
+    """
+
     @staticmethod
-    def forward(ctx, plan, kernel, causal, scale, q, k, v):
-        u, n, layout, group = plan.degree, plan.chunks, plan.layout, plan.group
-        sends = zip(split_heads(q, u, n), split_heads(k, u, n), split_heads(v, u, n))
-        incoming = [seq_to_heads_start(list(t), layout, group) for t in sends]
-        out = q.new_empty(q.shape)
-        saved, outgoing = [], []
-        for pending, dest in zip(incoming, split_heads(out, u, n)):
-            q_r, k_r, v_r = pending.wait()
-            out_r, lse = ring_forward(plan.ring, kernel, q_r, k_r, v_r, causal, scale)
-            outgoing.append(heads_to_seq_start([out_r], [dest], layout, group))
-            # The backward reads out in the sequence-major layout dout arrives in.
-            saved += [q_r, k_r, v_r, outgoing[-1].sent, lse]
+    def forward(ctx, groups, layout, kernel, causal, scale, chunks, q, k, v):
+        degree, group = groups.ulysses_degree, groups.ulysses_group
+        sends = zip(*(split_heads(t, degree, chunks) for t in (q, k, v)))
+        incoming = [seq_to_heads_start(list(qkv), layout, group) for qkv in sends]
+        out = q.new_empty(q.shape)  # contiguous: split_heads must give views of it
+        saved: list[_RingInputs] = []
+        outgoing = []
+        for pending, destination in zip(incoming, split_heads(out, degree, chunks)):
+            q_ring, k_ring, v_ring = pending.wait()
+            out_ring, lse = ring_forward(groups, layout, kernel, q_ring, k_ring, v_ring,
+                                         causal, scale)
+            outgoing.append(heads_to_seq_start([out_ring], [destination], layout, group))
+            saved.append(_RingInputs(q_ring, k_ring, v_ring, outgoing[-1].sent, lse))
         for pending in outgoing:
             pending.wait()
-        ctx.save_for_backward(*saved)
-        ctx.plan, ctx.kernel, ctx.causal, ctx.scale = plan, kernel, causal, scale
-        ctx.shapes = (q.shape, k.shape, v.shape)
+        ctx.save_for_backward(*(t for inputs in saved for t in inputs))
+        ctx.groups, ctx.layout, ctx.kernel = groups, layout, kernel
+        ctx.causal, ctx.scale, ctx.chunks = causal, scale, chunks
+        ctx.kv_shape = k.shape
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        plan, (q_shape, k_shape, v_shape) = ctx.plan, ctx.shapes
-        u, n, layout, group = plan.degree, plan.chunks, plan.layout, plan.group
-        saved = ctx.saved_tensors
+        groups, layout, chunks = ctx.groups, ctx.layout, ctx.chunks
+        degree, group = groups.ulysses_degree, groups.ulysses_group
+        per_chunk = len(_RingInputs._fields)
+        flat = ctx.saved_tensors
+        saved = [_RingInputs(*flat[i : i + per_chunk]) for i in range(0, len(flat), per_chunk)]
         incoming = [
-            seq_to_heads_start([chunk], layout, group) for chunk in split_heads(dout, u, n)
+            seq_to_heads_start([chunk], layout, group)
+            for chunk in split_heads(dout, degree, chunks)
         ]
-        dq, dk, dv = (dout.new_empty(shape) for shape in (q_shape, k_shape, v_shape))
-        destinations = zip(split_heads(dq, u, n), split_heads(dk, u, n), split_heads(dv, u, n))
+        dq = dout.new_empty(dout.shape)
+        dk, dv = (dout.new_empty(ctx.kv_shape) for _ in range(2))
+        destinations = zip(*(split_heads(t, degree, chunks) for t in (dq, dk, dv)))
         outgoing = []
-        for c, (pending, dest) in enumerate(zip(incoming, destinations)):
-            (dout_r,) = pending.wait()
-            q_r, k_r, v_r, out_r, lse = saved[5 * c : 5 * c + 5]
+        for pending, inputs, destination in zip(incoming, saved, destinations):
+            (dout_ring,) = pending.wait()
             grads = ring_backward(
-                plan.ring, ctx.kernel, dout_r, q_r, k_r, v_r, out_r, lse, ctx.causal, ctx.scale
+                groups, layout, ctx.kernel, dout_ring, inputs.q, inputs.k, inputs.v,
+                inputs.out, inputs.lse, ctx.causal, ctx.scale,
             )
-            outgoing.append(heads_to_seq_start(list(grads), list(dest), layout, group))
+            outgoing.append(heads_to_seq_start(list(grads), list(destination), layout, group))
         for pending in outgoing:
             pending.wait()
-        return None, None, None, None, dq, dk, dv
+        return None, None, None, None, None, None, dq, dk, dv
 
 
 class LongContextAttention(nn.Module):
-    """USP attention over ``groups``; inputs and output are this rank's sequence shard."""
+    """USP attention over ``groups``; inputs and output are this rank's sequence shard.
+
+    The module is the one thing to hold: :meth:`shard` and :meth:`gather` split and join
+    full-sequence tensors with the same layout the attention assumes.
+    """
 
     def __init__(
         self,
@@ -97,20 +120,38 @@ class LongContextAttention(nn.Module):
         ring_impl: str = "zigzag",
         backend: str = "auto",
         head_chunks: int = 1,
-    ):
+    ) -> None:
         """``head_chunks``: how many pieces the heads go through the all-to-all in, so that
-        one chunk's all-to-all overlaps another's compute. 1 (no overlap) is the default:
-        on 4 H100s the overlapped NCCL kernels slowed the attention kernels by as much as
-        the overlap saved (docs/benchmarks.md); slower links may want 2."""
+        one chunk's all-to-all overlaps another's compute. 1 (no overlap) is the default;
+        slower links may want 2 (docs/benchmarks.md has the measurements)."""
         super().__init__()
-        check_ring_impl(ring_impl)
         check_backend(backend)
         if not isinstance(head_chunks, int) or isinstance(head_chunks, bool) or head_chunks < 1:
             raise ValueError(f"head_chunks must be a positive integer, got {head_chunks!r}")
+        self.layout: SequenceLayout = get_layout(
+            ring_impl, groups.ulysses_degree, groups.ring_degree
+        )
         self.groups, self.ring_impl, self.backend = groups, ring_impl, backend
         self.head_chunks = head_chunks
-        self.ring = RingContext(groups.ring_group, groups.ring_rank, groups.ring_degree, ring_impl)
-        self.gather_layout = GatherLayout(groups.ulysses_degree, ring_impl)
+        self._kernels: dict[tuple[torch.device, torch.dtype], AttentionKernel] = {}
+
+    def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's positions of a full-sequence tensor ``x`` along ``dim``."""
+        return shard_sequence(x, dim, self.groups, self.ring_impl)
+
+    def gather(self, x_local: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """The full sequence from every rank's shard (not differentiable)."""
+        return gather_sequence(x_local, dim, self.groups, self.ring_impl)
+
+    def positions(self, seq_len: int) -> torch.Tensor:
+        """Global positions this rank holds, in local order."""
+        return self.layout.positions(seq_len, self.groups.ulysses_rank, self.groups.ring_rank)
+
+    def _kernel(self, device: torch.device, dtype: torch.dtype) -> AttentionKernel:
+        key = (device, dtype)
+        if key not in self._kernels:
+            self._kernels[key] = get_kernel(self.backend, device, dtype)
+        return self._kernels[key]
 
     def _check(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         u = self.groups.ulysses_degree
@@ -133,7 +174,7 @@ class LongContextAttention(nn.Module):
             raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
         if len({q.device, k.device, v.device}) > 1:
             raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
-        check_seq_len(q.shape[1] * self.groups.cp_size, u, self.groups.ring_degree, self.ring_impl)
+        self.layout.check_seq_len(q.shape[1] * self.groups.cp_size)
 
     def forward(
         self,
@@ -145,11 +186,11 @@ class LongContextAttention(nn.Module):
     ) -> torch.Tensor:
         """q: [b, s_local, hq, d]; k, v: [b, s_local, hkv, d] -> [b, s_local, hq, d]."""
         self._check(q, k, v)
-        kernel = get_kernel(self.backend, q.device, q.dtype)
+        kernel = self._kernel(q.device, q.dtype)
         scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
         u = self.groups.ulysses_degree
         if u == 1:
-            return ring_attention(self.ring, kernel, q, k, v, causal, scale)
+            return ring_attention(self.groups, self.layout, kernel, q, k, v, causal, scale)
         hkv = kv_heads_for_ulysses(q.shape[2], k.shape[2], u)
         if hkv != k.shape[2]:
             repeat = hkv // k.shape[2]
@@ -160,5 +201,6 @@ class LongContextAttention(nn.Module):
                 f"head_chunks={chunks} must divide the query heads per rank {q.shape[2] // u} "
                 f"and the key/value heads per rank {hkv // u}"
             )
-        plan = _UlyssesPlan(self.groups, self.ring, self.gather_layout, chunks)
-        return _UlyssesRingFunction.apply(plan, kernel, causal, scale, q, k, v)
+        return _UlyssesRingFunction.apply(
+            self.groups, self.layout, kernel, causal, scale, chunks, q, k, v
+        )

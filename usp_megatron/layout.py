@@ -1,4 +1,4 @@
-"""THE sequence layout: which global token positions each rank holds.
+"""THE sequence layout: one object per ring layout, the only place layouts differ.
 
 Context-parallel rank ``c = ring_rank * U + ulysses_rank`` of ``C = U * R`` ranks holds:
 
@@ -9,20 +9,21 @@ Context-parallel rank ``c = ring_rank * U + ulysses_rank`` of ``C = U * R`` rank
 - ``basic``: contiguous chunk ``c`` of ``C``. Needs ``S % C == 0``.
 
 After the ulysses all-to-all a ring rank holds its *ring block*: the union of its
-ulysses group's positions, sorted. Every other piece of the package (batch split,
-RoPE positions, the all-to-all reorder, tests) derives from :func:`local_positions`.
+ulysses group's positions, sorted. A layout object answers every question that depends
+on the layout: the positions a rank holds (batch split, RoPE, sharding), the ring-block
+slot each received piece goes to (the all-to-all), which rows of two ring blocks attend
+each other with which mask (the ring), whether it is Megatron's own split, and which
+sequence lengths it accepts. Nothing outside this module compares layout names.
 """
 
 from __future__ import annotations
 
+import functools
+from typing import ClassVar
+
 import torch
 
-RING_IMPLS = ("basic", "zigzag", "stripe")
-
-
-def check_ring_impl(ring_impl: str) -> None:
-    if ring_impl not in RING_IMPLS:
-        raise ValueError(f"ring_impl must be one of {RING_IMPLS}, got {ring_impl!r}")
+from usp_megatron.mask import ALL_ROWS, CAUSAL, FULL, BlockTask
 
 
 def check_degrees(ulysses_degree: int, ring_degree: int) -> None:
@@ -31,23 +32,191 @@ def check_degrees(ulysses_degree: int, ring_degree: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def sequence_multiple(ulysses_degree: int, ring_degree: int, ring_impl: str) -> int:
-    """The number the global sequence length must be a multiple of."""
-    check_ring_impl(ring_impl)
-    check_degrees(ulysses_degree, ring_degree)
-    cp_size = ulysses_degree * ring_degree
-    return 2 * cp_size if ring_impl == "zigzag" else cp_size
+class SequenceLayout:
+    """How a sequence of ``S`` tokens is spread over ``U x R`` ranks (see the module doc)."""
 
+    name: ClassVar[str]
+    #: Exactly Megatron's context-parallel split: its batch split and RoPE slice apply.
+    megatron_split: ClassVar[bool] = False
+    #: How many contiguous-in-the-ring-block pieces one rank's shard consists of.
+    pieces_per_rank: ClassVar[int] = 1
 
-def check_seq_len(seq_len: int, ulysses_degree: int, ring_degree: int, ring_impl: str) -> None:
-    multiple = sequence_multiple(ulysses_degree, ring_degree, ring_impl)
-    if seq_len <= 0 or seq_len % multiple != 0:
-        need = "2 * U * R" if ring_impl == "zigzag" else "U * R"
-        raise ValueError(
-            f"sequence length {seq_len} must be a positive multiple of {need} = {multiple} "
-            f"for ring_impl={ring_impl!r} with ulysses_degree={ulysses_degree}, "
-            f"ring_degree={ring_degree}"
+    def __init__(self, ulysses_degree: int, ring_degree: int) -> None:
+        check_degrees(ulysses_degree, ring_degree)
+        self.ulysses_degree, self.ring_degree = ulysses_degree, ring_degree
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(U={self.ulysses_degree}, R={self.ring_degree})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and (
+            (other.ulysses_degree, other.ring_degree) == (self.ulysses_degree, self.ring_degree)
         )
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.ulysses_degree, self.ring_degree))
+
+    @property
+    def cp_size(self) -> int:
+        return self.ulysses_degree * self.ring_degree
+
+    # -- which sequence lengths --------------------------------------------------------
+    @property
+    def sequence_multiple(self) -> int:
+        """The number the global sequence length must be a multiple of."""
+        return self.pieces_per_rank * self.cp_size
+
+    def check_seq_len(self, seq_len: int) -> None:
+        multiple = self.sequence_multiple
+        if seq_len <= 0 or seq_len % multiple != 0:
+            need = "2 * U * R" if self.pieces_per_rank == 2 else "U * R"
+            raise ValueError(
+                f"sequence length {seq_len} must be a positive multiple of {need} = {multiple} "
+                f"for ring_impl={self.name!r} with ulysses_degree={self.ulysses_degree}, "
+                f"ring_degree={self.ring_degree}"
+            )
+
+    # -- which positions a rank holds --------------------------------------------------
+    def positions(self, seq_len: int, ulysses_rank: int, ring_rank: int) -> torch.Tensor:
+        """Global positions (1-D int64, in local order) of rank ``(ulysses_rank, ring_rank)``."""
+        self.check_seq_len(seq_len)
+        if not 0 <= ulysses_rank < self.ulysses_degree:
+            raise ValueError(f"ulysses_rank {ulysses_rank} not in [0, {self.ulysses_degree})")
+        if not 0 <= ring_rank < self.ring_degree:
+            raise ValueError(f"ring_rank {ring_rank} not in [0, {self.ring_degree})")
+        return self._positions(seq_len, ulysses_rank, ring_rank)
+
+    def positions_of_cp_rank(self, seq_len: int, cp_rank: int) -> torch.Tensor:
+        """:meth:`positions` of context-parallel rank ``c = ring_rank * U + ulysses_rank``."""
+        u, r = cp_rank % self.ulysses_degree, cp_rank // self.ulysses_degree
+        return self.positions(seq_len, u, r)
+
+    def ring_block_positions(self, seq_len: int, ring_rank: int) -> torch.Tensor:
+        """Positions a ring rank holds after the ulysses all-to-all, in position order."""
+        held = [self.positions(seq_len, u, ring_rank) for u in range(self.ulysses_degree)]
+        return torch.cat(held).sort().values
+
+    def _positions(self, seq_len: int, ulysses_rank: int, ring_rank: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- where the all-to-all puts what it receives ------------------------------------
+    @functools.cached_property
+    def gather_order(self) -> list[int]:
+        """Entry ``j``: the gathered piece ``u * pieces_per_rank + i`` (piece ``i`` of ulysses
+        rank ``u``) that goes to slot ``j`` of the ring block, which puts it in position order.
+        Derived from :meth:`positions`; the same for every ring rank and sequence length."""
+        k = self.pieces_per_rank
+        one_ring = type(self)(self.ulysses_degree, 1)
+        seq_len = one_ring.sequence_multiple  # the smallest length with this layout
+        starts = [
+            int(piece[0])
+            for u in range(self.ulysses_degree)
+            for piece in one_ring.positions(seq_len, u, 0).chunk(k)
+        ]
+        return sorted(range(len(starts)), key=starts.__getitem__)
+
+    @functools.cached_property
+    def gather_slots(self) -> list[list[int]]:
+        """``gather_slots[i][u]``: the ring-block slot of piece ``i`` of ulysses rank ``u``."""
+        k = self.pieces_per_rank
+        slot_of = {piece: j for j, piece in enumerate(self.gather_order)}
+        return [[slot_of[u * k + i] for u in range(self.ulysses_degree)] for i in range(k)]
+
+    # -- what each ring step computes --------------------------------------------------
+    def block_tasks(
+        self, ring_rank: int, kv_rank: int, block_len: int, causal: bool
+    ) -> tuple[BlockTask, ...]:
+        """Which rows of this rank's queries (ring block ``ring_rank``) attend which rows of
+        ring block ``kv_rank``, and with which mask; empty when none do."""
+        if not causal:
+            return (BlockTask(ALL_ROWS, ALL_ROWS, FULL),)
+        if kv_rank == ring_rank:
+            return (BlockTask(ALL_ROWS, ALL_ROWS, CAUSAL),)
+        return self._causal_off_diagonal(kv_rank < ring_rank, block_len)
+
+    def _causal_off_diagonal(self, earlier: bool, block_len: int) -> tuple[BlockTask, ...]:
+        raise NotImplementedError
+
+
+class BasicLayout(SequenceLayout):
+    """Contiguous chunks: earlier ring blocks are wholly visible, later ones not at all."""
+
+    name = "basic"
+
+    def _positions(self, seq_len: int, ulysses_rank: int, ring_rank: int) -> torch.Tensor:
+        piece = seq_len // self.cp_size
+        start = (ring_rank * self.ulysses_degree + ulysses_rank) * piece
+        return torch.arange(start, start + piece)
+
+    def _causal_off_diagonal(self, earlier: bool, block_len: int) -> tuple[BlockTask, ...]:
+        return (BlockTask(ALL_ROWS, ALL_ROWS, FULL),) if earlier else ()
+
+
+class ZigzagLayout(SequenceLayout):
+    """Chunks ``c`` and ``2C-1-c`` of ``2C``: ring block ``r`` is chunks ``r`` and ``2R-1-r``
+    of ``2R``. An earlier block's first half is visible to every query; a later block is
+    wholly visible to the second half of the queries. Every rank does the same work at
+    every step: the load balance."""
+
+    name = "zigzag"
+    megatron_split = True
+    pieces_per_rank = 2
+
+    def _positions(self, seq_len: int, ulysses_rank: int, ring_rank: int) -> torch.Tensor:
+        cp_rank = ring_rank * self.ulysses_degree + ulysses_rank
+        chunk = seq_len // (2 * self.cp_size)
+        first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk)
+        second_start = (2 * self.cp_size - 1 - cp_rank) * chunk
+        return torch.cat([first, torch.arange(second_start, second_start + chunk)])
+
+    def _causal_off_diagonal(self, earlier: bool, block_len: int) -> tuple[BlockTask, ...]:
+        half = block_len // 2
+        if earlier:
+            return (BlockTask(ALL_ROWS, slice(0, half), FULL),)
+        return (BlockTask(slice(half, None), ALL_ROWS, FULL),)
+
+
+class StripeLayout(SequenceLayout):
+    """Ring block ``r`` holds positions ``t % R == r``: query ``i`` sees key ``j`` of an
+    earlier block when ``j <= i`` and of a later block when ``j < i``, the causal mask or
+    the causal mask shifted by one row (drop the first query row and the last key row)."""
+
+    name = "stripe"
+
+    def _positions(self, seq_len: int, ulysses_rank: int, ring_rank: int) -> torch.Tensor:
+        owned = torch.arange(ring_rank, seq_len, self.ring_degree)
+        piece = seq_len // self.cp_size
+        return owned[ulysses_rank * piece : (ulysses_rank + 1) * piece]
+
+    def _causal_off_diagonal(self, earlier: bool, block_len: int) -> tuple[BlockTask, ...]:
+        if earlier:
+            return (BlockTask(ALL_ROWS, ALL_ROWS, CAUSAL),)
+        if block_len == 1:
+            return ()
+        return (BlockTask(slice(1, None), slice(0, block_len - 1), CAUSAL),)
+
+
+LAYOUTS: dict[str, type[SequenceLayout]] = {
+    cls.name: cls for cls in (BasicLayout, ZigzagLayout, StripeLayout)
+}
+RING_IMPLS = tuple(LAYOUTS)
+
+
+def layout_type(ring_impl: str) -> type[SequenceLayout]:
+    """The layout class of ``ring_impl``, for questions that need no degrees."""
+    if ring_impl not in LAYOUTS:
+        raise ValueError(f"ring_impl must be one of {RING_IMPLS}, got {ring_impl!r}")
+    return LAYOUTS[ring_impl]
+
+
+def check_ring_impl(ring_impl: str) -> None:
+    layout_type(ring_impl)
+
+
+@functools.lru_cache(maxsize=None, typed=True)
+def get_layout(ring_impl: str, ulysses_degree: int, ring_degree: int) -> SequenceLayout:
+    """The layout object of ``ring_impl`` over ``ulysses_degree x ring_degree`` ranks."""
+    return layout_type(ring_impl)(ulysses_degree, ring_degree)
 
 
 def local_positions(
@@ -59,56 +228,18 @@ def local_positions(
     ring_impl: str = "zigzag",
 ) -> torch.Tensor:
     """Global positions (1-D int64, in local order) held by rank ``(ulysses_rank, ring_rank)``."""
-    check_seq_len(seq_len, ulysses_degree, ring_degree, ring_impl)
-    if not 0 <= ulysses_rank < ulysses_degree:
-        raise ValueError(f"ulysses_rank {ulysses_rank} not in [0, {ulysses_degree})")
-    if not 0 <= ring_rank < ring_degree:
-        raise ValueError(f"ring_rank {ring_rank} not in [0, {ring_degree})")
-    cp_size = ulysses_degree * ring_degree
-    cp_rank = ring_rank * ulysses_degree + ulysses_rank
-    if ring_impl == "zigzag":
-        chunk = seq_len // (2 * cp_size)
-        first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk)
-        second_start = (2 * cp_size - 1 - cp_rank) * chunk
-        return torch.cat([first, torch.arange(second_start, second_start + chunk)])
-    if ring_impl == "stripe":
-        owned = torch.arange(ring_rank, seq_len, ring_degree)
-        piece = seq_len // cp_size
-        return owned[ulysses_rank * piece : (ulysses_rank + 1) * piece]
-    piece = seq_len // cp_size
-    return torch.arange(cp_rank * piece, (cp_rank + 1) * piece)
+    layout = get_layout(ring_impl, ulysses_degree, ring_degree)
+    return layout.positions(seq_len, ulysses_rank, ring_rank)
+
+
+def check_seq_len(seq_len: int, ulysses_degree: int, ring_degree: int, ring_impl: str) -> None:
+    get_layout(ring_impl, ulysses_degree, ring_degree).check_seq_len(seq_len)
 
 
 def ring_block_positions(
     seq_len: int, ulysses_degree: int, ring_degree: int, ring_rank: int, ring_impl: str
 ) -> torch.Tensor:
-    """Positions a ring rank holds after the ulysses all-to-all, in (sorted) position order."""
-    held = [
-        local_positions(seq_len, ulysses_degree, ring_degree, u, ring_rank, ring_impl)
-        for u in range(ulysses_degree)
-    ]
-    return torch.cat(held).sort().values
-
-
-def pieces_per_rank(ring_impl: str) -> int:
-    """How many contiguous-in-the-ring-block pieces one rank's local shard consists of."""
-    check_ring_impl(ring_impl)
-    return 2 if ring_impl == "zigzag" else 1
-
-
-def gather_piece_order(ulysses_degree: int, ring_impl: str) -> list[int]:
-    """Order of the gathered pieces that puts a ring block in position order.
-
-    The ulysses all-to-all concatenates the ranks' shards in ulysses-rank order, each
-    shard made of ``pieces_per_rank`` equal pieces: piece ``u * k + i`` is piece ``i`` of
-    rank ``u``. Entry ``j`` of the result is the gathered piece that goes to slot ``j``.
-    Derived from :func:`local_positions` (the layout is the same for every ring rank).
-    """
-    k = pieces_per_rank(ring_impl)
-    # Smallest sequence that has the layout: the order does not depend on the length.
-    seq_len = sequence_multiple(ulysses_degree, 1, ring_impl)
-    starts = []
-    for u in range(ulysses_degree):
-        pos = local_positions(seq_len, ulysses_degree, 1, u, 0, ring_impl)
-        starts.extend(int(p[0]) for p in pos.chunk(k))
-    return sorted(range(len(starts)), key=starts.__getitem__)
+    """Positions a ring rank holds after the ulysses all-to-all, in position order."""
+    return get_layout(ring_impl, ulysses_degree, ring_degree).ring_block_positions(
+        seq_len, ring_rank
+    )

@@ -6,23 +6,15 @@ import torch
 import torch.distributed as dist
 
 from usp_megatron.groups import USPGroups
-from usp_megatron.layout import local_positions
-
-
-def rank_positions(
-    seq_len: int, groups: USPGroups, ring_impl: str = "zigzag", cp_rank: int | None = None
-) -> torch.Tensor:
-    """``local_positions`` of context-parallel rank ``cp_rank`` (default: this rank)."""
-    c = groups.cp_rank if cp_rank is None else cp_rank
-    u, r = c % groups.ulysses_degree, c // groups.ulysses_degree
-    return local_positions(seq_len, groups.ulysses_degree, groups.ring_degree, u, r, ring_impl)
+from usp_megatron.layout import get_layout
 
 
 def shard_sequence(
     x: torch.Tensor, dim: int, groups: USPGroups, ring_impl: str = "zigzag"
 ) -> torch.Tensor:
     """The positions of ``x`` along ``dim`` that this rank holds, in local order."""
-    positions = rank_positions(x.shape[dim], groups, ring_impl)
+    layout = get_layout(ring_impl, groups.ulysses_degree, groups.ring_degree)
+    positions = layout.positions(x.shape[dim], groups.ulysses_rank, groups.ring_rank)
     return x.index_select(dim, positions.to(x.device))
 
 
@@ -32,6 +24,7 @@ def gather_sequence(
     """Inverse of :func:`shard_sequence` over the context-parallel group (not differentiable)."""
     if groups.cp_group is None:
         raise ValueError("gather_sequence needs groups.cp_group (as init_usp_groups builds)")
+    layout = get_layout(ring_impl, groups.ulysses_degree, groups.ring_degree)
     shards = [torch.empty_like(x_local) for _ in range(groups.cp_size)]
     dist.all_gather(shards, x_local.contiguous(), group=groups.cp_group)
     seq_len = x_local.shape[dim] * groups.cp_size
@@ -39,6 +32,6 @@ def gather_sequence(
     shape[dim] = seq_len
     full = x_local.new_empty(shape)
     for cp_rank, shard in enumerate(shards):
-        positions = rank_positions(seq_len, groups, ring_impl, cp_rank).to(x_local.device)
+        positions = layout.positions_of_cp_rank(seq_len, cp_rank).to(x_local.device)
         full.index_copy_(dim, positions, shard)
     return full

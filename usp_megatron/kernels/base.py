@@ -6,9 +6,11 @@ A kernel computes attention of one local block: ``q: [b, sq, hq, d]``,
 float64 for float64 inputs). The backward takes the *final* output and log-sum-exp of
 the whole ring (not the block's), which makes its block gradients exact contributions.
 
-``causal`` requires ``sq == sk``: the diagonal mask is then unambiguous. (With
-``sq != sk`` PyTorch's flash aligns the mask bottom-right and cuDNN top-left; the ring
-code never relies on either.)
+Which query rows see which key rows is a ``mask.BlockMask`` decided by the layout. A
+causal mask needs ``sq == sk``: the diagonal is then unambiguous. (With ``sq != sk``
+PyTorch's flash aligns the mask bottom-right and cuDNN top-left; the ring code never
+relies on either.) Inputs are checked once where they enter (``LongContextAttention``),
+not per block: the fast kernels run many blocks per call, and host time counts.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Protocol
 
 import torch
 
+from usp_megatron.mask import BlockMask
+
 
 class AttentionKernel(Protocol):
     name: str
@@ -24,7 +28,7 @@ class AttentionKernel(Protocol):
     def available(self, device: torch.device, dtype: torch.dtype) -> bool: ...
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask, scale: float
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def backward(
@@ -35,7 +39,7 @@ class AttentionKernel(Protocol):
         v: torch.Tensor,
         out: torch.Tensor,
         lse: torch.Tensor,
-        causal: bool,
+        mask: BlockMask,
         scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
@@ -45,8 +49,9 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
-    """Validate one block's shapes; raise ValueError naming what is wrong."""
+def check_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask) -> None:
+    """Validate one block's shapes; raise ValueError naming what is wrong (the reference
+    kernel, which is also called directly, checks every block; the fast ones do not)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"q, k, v must be 4-D [b, s, h, d]; got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -64,7 +69,7 @@ def check_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool)
         raise ValueError(
             f"query heads {q.shape[2]} must be a multiple of key/value heads {k.shape[2]}"
         )
-    if causal and q.shape[1] != k.shape[1]:
+    if mask.causal and q.shape[1] != k.shape[1]:
         raise ValueError(
             f"causal blocks must be square, got sq={q.shape[1]} and sk={k.shape[1]}"
         )

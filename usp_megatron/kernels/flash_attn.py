@@ -12,7 +12,7 @@ import importlib.util
 import torch
 from torch import Tensor
 
-from usp_megatron.kernels.base import check_block
+from usp_megatron.mask import BlockMask
 
 _HALF = (torch.float16, torch.bfloat16)
 Pair = tuple[Tensor, Tensor]
@@ -29,12 +29,11 @@ class FlashAttnKernel:
     def available(self, device: torch.device, dtype: torch.dtype) -> bool:
         return device.type == "cuda" and dtype in _HALF and flash_attn_importable()
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Pair:
-        check_block(q, k, v, causal)
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale: float) -> Pair:
         from flash_attn.flash_attn_interface import _flash_attn_forward
 
         out, lse, *_ = _flash_attn_forward(
-            q, k, v, dropout_p=0.0, softmax_scale=scale, causal=causal,
+            q, k, v, dropout_p=0.0, softmax_scale=scale, causal=mask.causal,
             window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None,
             return_softmax=False,
         )
@@ -42,14 +41,14 @@ class FlashAttnKernel:
 
     def backward(
         self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-        causal: bool, scale: float,
+        mask: BlockMask, scale: float,
     ) -> Triple:
         from flash_attn.flash_attn_interface import _flash_attn_backward
 
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         _flash_attn_backward(
             dout.contiguous(), q, k, v, out, lse.contiguous(), dq, dk, dv,
-            dropout_p=0.0, softmax_scale=scale, causal=causal, window_size_left=-1,
+            dropout_p=0.0, softmax_scale=scale, causal=mask.causal, window_size_left=-1,
             window_size_right=-1, softcap=0.0, alibi_slopes=None, deterministic=False,
             rng_state=None,
         )

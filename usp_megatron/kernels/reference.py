@@ -14,14 +14,15 @@ from usp_megatron.kernels.base import (
     expand_kv_heads,
     reduce_kv_heads,
 )
+from usp_megatron.mask import BlockMask
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+def _scores(q: torch.Tensor, k: torch.Tensor, mask: BlockMask, scale: float) -> torch.Tensor:
     """[b, h, sq, sk] scaled scores in the accumulation dtype, -inf where masked."""
     acc = accum_dtype(q.dtype)
     k = expand_kv_heads(k, q.shape[2])
     scores = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), k.to(acc)) * scale
-    if causal:
+    if mask.causal:
         sq, sk = scores.shape[-2:]
         future = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(future, float("-inf"))
@@ -35,10 +36,10 @@ class ReferenceKernel:
         return True
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask, scale: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        check_block(q, k, v, causal)
-        scores = _scores(q, k, causal, scale)
+        check_block(q, k, v, mask)
+        scores = _scores(q, k, mask, scale)
         lse = torch.logsumexp(scores, dim=-1)
         probs = torch.exp(scores - lse.unsqueeze(-1))
         v_full = expand_kv_heads(v, q.shape[2]).to(scores.dtype)
@@ -53,11 +54,11 @@ class ReferenceKernel:
         v: torch.Tensor,
         out: torch.Tensor,
         lse: torch.Tensor,
-        causal: bool,
+        mask: BlockMask,
         scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        check_block(q, k, v, causal)
-        scores = _scores(q, k, causal, scale)
+        check_block(q, k, v, mask)
+        scores = _scores(q, k, mask, scale)
         acc = scores.dtype
         probs = torch.exp(scores - lse.to(acc).unsqueeze(-1))
         dout_a = dout.to(acc)

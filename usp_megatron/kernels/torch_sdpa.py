@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from usp_megatron.kernels.base import AttentionKernel, check_block, expand_kv_heads, reduce_kv_heads
+from usp_megatron.kernels.base import expand_kv_heads, reduce_kv_heads
+from usp_megatron.mask import BlockMask
 
 aten = torch.ops.aten
 _HALF = (torch.float16, torch.bfloat16)
@@ -36,21 +37,20 @@ class FlashSDPAKernel:
     def available(self, device: torch.device, dtype: torch.dtype) -> bool:
         return device.type == "cuda" and dtype in _HALF
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Pair:
-        check_block(q, k, v, causal)
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale: float) -> Pair:
         out, lse, *_ = aten._scaled_dot_product_flash_attention(
-            _t(q), _t(k), _t(v), 0.0, causal, False, scale=scale
+            _t(q), _t(k), _t(v), 0.0, mask.causal, False, scale=scale
         )
         return _t(out), lse
 
     def backward(
         self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-        causal: bool, scale: float,
+        mask: BlockMask, scale: float,
     ) -> Triple:
         sq, sk = q.shape[1], k.shape[1]
         dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
             _t(dout), _t(q), _t(k), _t(v), _t(out), lse.contiguous(),
-            None, None, sq, sk, 0.0, causal, _empty(q.device), _empty(q.device), scale=scale,
+            None, None, sq, sk, 0.0, mask.causal, _empty(q.device), _empty(q.device), scale=scale,
         )
         return _t(dq), _t(dk), _t(dv)
 
@@ -65,22 +65,21 @@ class CudnnSDPAKernel:
             return False
         return torch.cuda.get_device_capability(device) >= (8, 0)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Pair:
-        check_block(q, k, v, causal)
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale: float) -> Pair:
         out, lse, *_ = aten._scaled_dot_product_cudnn_attention(
-            _t(q), _t(k), _t(v), None, True, 0.0, causal, False, scale=scale
+            _t(q), _t(k), _t(v), None, True, 0.0, mask.causal, False, scale=scale
         )
         return _t(out), lse.reshape(lse.shape[:3])
 
     def backward(
         self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-        causal: bool, scale: float,
+        mask: BlockMask, scale: float,
     ) -> Triple:
         sq, sk = q.shape[1], k.shape[1]
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
             _t(dout), _t(q), _t(k), _t(v), _t(out),
             lse.contiguous().unsqueeze(-1), _empty(q.device), _empty(q.device), None,
-            None, None, sq, sk, 0.0, causal, scale=scale,
+            None, None, sq, sk, 0.0, mask.causal, scale=scale,
         )
         return _t(dq), _t(dk), _t(dv)
 
@@ -97,18 +96,17 @@ class EfficientSDPAKernel:
     def available(self, device: torch.device, dtype: torch.dtype) -> bool:
         return device.type == "cuda" and dtype in (*_HALF, torch.float32)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Pair:
-        check_block(q, k, v, causal)
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale: float) -> Pair:
         hq = q.shape[2]
         out, lse, *_ = aten._scaled_dot_product_efficient_attention(
             _t(q), _t(expand_kv_heads(k, hq)), _t(expand_kv_heads(v, hq)),
-            None, True, 0.0, causal, scale=scale,
+            None, True, 0.0, mask.causal, scale=scale,
         )
         return _t(out), lse[:, :, : q.shape[1]]
 
     def backward(
         self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-        causal: bool, scale: float,
+        mask: BlockMask, scale: float,
     ) -> Triple:
         hq, hkv, sq = q.shape[2], k.shape[2], q.shape[1]
         if out.stride(1) != out.shape[2] * out.shape[3] or out.stride(2) != out.shape[3]:
@@ -122,36 +120,6 @@ class EfficientSDPAKernel:
         dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
             _t(dout), _t(q), _t(expand_kv_heads(k, hq)), _t(expand_kv_heads(v, hq)),
             None, _t(out), padded, _empty(q.device), _empty(q.device), 0.0,
-            [True, True, True, False], causal, scale=scale,
+            [True, True, True, False], mask.causal, scale=scale,
         )
         return _t(dq), reduce_kv_heads(_t(dk), hkv), reduce_kv_heads(_t(dv), hkv)
-
-
-class TorchSDPAKernel:
-    """The fastest of PyTorch's ops available for the device and dtype: cuDNN, flash, efficient."""
-
-    name = "torch"
-
-    def __init__(self) -> None:
-        self._choices = (CudnnSDPAKernel(), FlashSDPAKernel(), EfficientSDPAKernel())
-
-    def pick(self, device: torch.device, dtype: torch.dtype) -> AttentionKernel:
-        for kernel in self._choices:
-            if kernel.available(device, dtype):
-                return kernel
-        raise ValueError(
-            f"backend 'torch' needs a CUDA tensor of dtype float16, bfloat16 or float32; "
-            f"got device {device} and dtype {dtype} (use backend 'reference' on CPU)"
-        )
-
-    def available(self, device: torch.device, dtype: torch.dtype) -> bool:
-        return any(k.available(device, dtype) for k in self._choices)
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Pair:
-        return self.pick(q.device, q.dtype).forward(q, k, v, causal, scale)
-
-    def backward(
-        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-        causal: bool, scale: float,
-    ) -> Triple:
-        return self.pick(q.device, q.dtype).backward(dout, q, k, v, out, lse, causal, scale)

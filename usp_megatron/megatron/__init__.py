@@ -14,11 +14,7 @@ from usp_megatron.megatron.arguments import add_usp_args, apply_usp_args, valida
 from usp_megatron.megatron.batch import get_batch_on_this_usp_rank
 from usp_megatron.megatron.core_attention import USPAttention
 from usp_megatron.megatron.cpu_shim import install_cpu_shim
-from usp_megatron.megatron.process_groups import (
-    reset_model_parallel,
-    usp_groups_from_megatron,
-    usp_positions,
-)
+from usp_megatron.megatron.process_groups import reset_model_parallel, usp_groups_from_megatron
 from usp_megatron.megatron.rope import USPRotaryEmbedding, use_usp_rotary_embedding
 from usp_megatron.megatron.specs import (
     get_gpt_layer_usp_spec,
@@ -40,7 +36,6 @@ __all__ = [
     "use_usp_rotary_embedding",
     "usp_core_attention",
     "usp_groups_from_megatron",
-    "usp_positions",
     "validate_usp_args",
     "with_usp_attention",
 ]

@@ -82,7 +82,15 @@ def validate_usp_args(args: argparse.Namespace) -> argparse.Namespace:
     check_context_parallel(
         u, r, args.context_parallel_size, getattr(args, "hierarchical_context_parallel_sizes", None)
     )
-    check_heads(args.num_attention_heads, args.tensor_model_parallel_size, u)
+    check_heads(
+        args.num_attention_heads,
+        args.tensor_model_parallel_size,
+        u,
+        # Megatron-LM reads --num-query-groups only with --group-query-attention.
+        getattr(args, "num_query_groups", None)
+        if getattr(args, "group_query_attention", True)
+        else None,
+    )
     check_seq_len(args.seq_length, u, r, impl)
     check_attention_options(
         attention_dropout=getattr(args, "attention_dropout", 0.0),

@@ -1,4 +1,4 @@
-"""This rank's share of a batch: every sequence tensor indexed by ``layout.local_positions``.
+"""This rank's share of a batch: every sequence tensor cut to the layout's positions.
 
 Tokens, labels, loss mask and position ids are ``[b, s]`` and split along dim 1; an
 attention mask ``[b, 1, s, s]`` keeps all keys and splits its query dim (2), as Megatron's
@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from usp_megatron.groups import USPGroups
-from usp_megatron.megatron.process_groups import usp_groups_from_megatron, usp_positions
+from usp_megatron.megatron.process_groups import usp_groups_from_megatron
+from usp_megatron.sharding import shard_sequence
 
 
 def get_batch_on_this_usp_rank(
@@ -23,12 +24,9 @@ def get_batch_on_this_usp_rank(
     g = groups if groups is not None else usp_groups_from_megatron()
     if g.cp_size == 1:
         return dict(batch)
-    sharded: dict[str, Any] = {}
-    for key, value in batch.items():
-        if value is None:
-            sharded[key] = None
-            continue
-        seq_dim = 2 if key == "attention_mask" else 1
-        positions = usp_positions(value.shape[seq_dim], ring_impl, g)
-        sharded[key] = value.index_select(seq_dim, positions.to(value.device))
-    return sharded
+    return {
+        key: None
+        if value is None
+        else shard_sequence(value, 2 if key == "attention_mask" else 1, g, ring_impl)
+        for key, value in batch.items()
+    }

@@ -5,6 +5,11 @@ rank's sequence shard of q ``[sq, b, np, hn]`` and k/v ``[sk, b, ng, hn]`` (head
 split by tensor parallelism, RoPE already applied) and gets back ``[sq, b, np * hn]``.
 Inside, ``LongContextAttention`` runs the ulysses all-to-all and the ring over the
 hierarchical context-parallel groups Megatron built.
+
+For a layout that is not Megatron's own split (stripe, basic), Megatron's RoPE slice is
+wrong for the tokens a rank holds; the first forward refuses to run until the model's
+rotary embedding was given the layout's slice (``use_usp_rotary_embedding``), which tells
+every ``USPAttention`` of the model.
 """
 
 from __future__ import annotations
@@ -19,8 +24,13 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_pg_size
 
 from usp_megatron.attention import LongContextAttention
+from usp_megatron.layout import layout_type
 from usp_megatron.megatron.process_groups import usp_groups_from_megatron
-from usp_megatron.megatron.validation import check_attention_options, check_heads
+from usp_megatron.megatron.validation import (
+    check_attention_options,
+    check_cp_comm_type,
+    check_heads,
+)
 
 _CAUSAL = {AttnMaskType.causal: True, AttnMaskType.no_mask: False}
 
@@ -40,13 +50,16 @@ class USPAttention(MegatronModule):
         pg_collection: Any = None,
         ring_impl: str = "zigzag",
         backend: str = "auto",
+        rope_sliced_for_layout: bool = False,
     ) -> None:
+        """``rope_sliced_for_layout``: the caller guarantees that the model's positions
+        (RoPE, position ids) are those of ``ring_impl``'s layout (the Megatron-LM hooks
+        do); otherwise ``use_usp_rotary_embedding`` confirms it after the model is built."""
         super().__init__(config=config)
         if attention_type != "self":
             raise ValueError(
                 f"USP attention is self-attention only, got attention_type={attention_type!r}"
             )
-        self.layer_number = max(1, layer_number)
         self.attn_mask_type = self._check_mask_type(attn_mask_type)
         check_attention_options(
             attention_dropout=(
@@ -57,18 +70,25 @@ class USPAttention(MegatronModule):
             window_size=config.window_size,
         )
         self.groups = usp_groups_from_megatron(pg_collection)
+        check_cp_comm_type(cp_comm_type, self.groups.ulysses_degree, self.groups.ring_degree)
         tp_group = getattr(pg_collection, "tp", None)
         tp_size = (
             get_pg_size(tp_group) if tp_group is not None else config.tensor_model_parallel_size
         )
-        check_heads(config.num_attention_heads, tp_size, self.groups.ulysses_degree)
-        self.hidden_size_per_attention_head = config.kv_channels
+        check_heads(
+            config.num_attention_heads, tp_size, self.groups.ulysses_degree, config.num_query_groups
+        )
         # apply_query_key_layer_scaling divides the scores by the layer number and the
         # softmax multiplies it back: the same attention, so only the plain scale is used.
         self.softmax_scale = (
             softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         )
         self.attention = LongContextAttention(self.groups, ring_impl=ring_impl, backend=backend)
+        self.positions_confirmed = (
+            rope_sliced_for_layout
+            or layout_type(ring_impl).megatron_split
+            or self.groups.cp_size == 1
+        )
 
     @staticmethod
     def _check_mask_type(attn_mask_type: AttnMaskType) -> AttnMaskType:
@@ -100,6 +120,14 @@ class USPAttention(MegatronModule):
             )
         if attention_bias is not None:
             raise ValueError("USP attention does not take an attention_bias")
+        if not self.positions_confirmed:
+            impl = self.attention.ring_impl
+            raise ValueError(
+                f"ring_impl={impl!r} holds other tokens than Megatron's context-parallel split, "
+                f"so Megatron's RoPE slice would be wrong: call usp_megatron.megatron."
+                f"use_usp_rotary_embedding(model, {impl!r}) once after building the model "
+                "(or use ring_impl='zigzag', which needs no call)"
+            )
         mask_type = self._check_mask_type(
             self.attn_mask_type if attn_mask_type is None else attn_mask_type
         )

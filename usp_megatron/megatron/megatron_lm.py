@@ -25,6 +25,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+from usp_megatron.layout import layout_type
 from usp_megatron.megatron.arguments import (
     add_usp_args,
     apply_usp_args,
@@ -96,7 +97,10 @@ def wrap_core_attention(core_attention: Callable, get_args: Callable) -> Callabl
         args = get_args()
         if not usp_enabled(args):
             return core_attention(self)
-        return usp_core_attention(args.usp_ring_impl, args.usp_attn_backend)
+        # The hooks also build the RoPE of the layout (wrap_rotary_embedding).
+        return usp_core_attention(
+            args.usp_ring_impl, args.usp_attn_backend, rope_sliced_for_layout=True
+        )
 
     return _mark(hooked)
 
@@ -123,7 +127,7 @@ def wrap_rotary_embedding(rotary_embedding: type, get_args: Callable) -> Callabl
 
     def build(*a: Any, **kwargs: Any) -> Any:
         args = get_args()
-        if usp_enabled(args) and args.usp_ring_impl != "zigzag":
+        if usp_enabled(args) and not layout_type(args.usp_ring_impl).megatron_split:
             return USPRotaryEmbedding(*a, ring_impl=args.usp_ring_impl, **kwargs)
         return rotary_embedding(*a, **kwargs)
 

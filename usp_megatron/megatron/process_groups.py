@@ -1,4 +1,4 @@
-"""This rank's USP groups (read from the groups Megatron already built) and positions.
+"""This rank's USP groups, read from the groups Megatron already built.
 
 Megatron builds them in ``initialize_model_parallel(context_parallel_size=U*R,
 hierarchical_context_parallel_sizes=[U, R])``: level 0 of the hierarchical
@@ -11,12 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from usp_megatron.groups import USPGroups, usp_groups_from
-from usp_megatron.sharding import rank_positions
 
 HOW_TO_BUILD = (
     "initialize_model_parallel(context_parallel_size=U*R, "
@@ -57,14 +55,6 @@ def usp_groups_from_megatron(pg_collection: Any = None) -> USPGroups:
                 "not reset them)"
             )
     return usp_groups_from(levels[0], levels[1], cp_group)
-
-
-def usp_positions(
-    seq_len: int, ring_impl: str = "zigzag", groups: USPGroups | None = None
-) -> torch.Tensor:
-    """Global positions this rank holds, in local order (groups default to Megatron's)."""
-    g = groups if groups is not None else usp_groups_from_megatron()
-    return rank_positions(seq_len, g, ring_impl)
 
 
 def reset_model_parallel() -> None:

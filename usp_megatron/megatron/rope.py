@@ -1,8 +1,9 @@
 """Rotary embedding rows for the positions this rank holds.
 
-Megatron's ``RotaryEmbedding`` cuts its table for context parallelism as if the layout were
-zigzag. :class:`USPRotaryEmbedding` takes the rows at ``layout.local_positions`` instead, so
-stripe and basic get the angles of the tokens they really hold (for zigzag both agree).
+Megatron's ``RotaryEmbedding`` cuts its table for context parallelism as its own
+(zigzag) split. :class:`USPRotaryEmbedding` takes the rows at the layout's positions
+instead, so stripe and basic get the angles of the tokens they really hold (for a layout
+that is Megatron's split both agree).
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
 from usp_megatron.groups import USPGroups
-from usp_megatron.layout import check_ring_impl
-from usp_megatron.megatron.process_groups import usp_groups_from_megatron, usp_positions
+from usp_megatron.layout import get_layout, layout_type
+from usp_megatron.megatron.core_attention import USPAttention
+from usp_megatron.megatron.process_groups import usp_groups_from_megatron
 
 
 class USPRotaryEmbedding(RotaryEmbedding):
@@ -29,9 +31,9 @@ class USPRotaryEmbedding(RotaryEmbedding):
         self._set_layout(ring_impl, groups)
 
     def _set_layout(self, ring_impl: str, groups: USPGroups | None) -> None:
-        check_ring_impl(ring_impl)
-        self.ring_impl = ring_impl
         self.groups = groups if groups is not None else usp_groups_from_megatron()
+        self.ring_impl = ring_impl
+        self.layout = get_layout(ring_impl, self.groups.ulysses_degree, self.groups.ring_degree)
 
     @classmethod
     def adopt(
@@ -61,18 +63,28 @@ class USPRotaryEmbedding(RotaryEmbedding):
         emb = self.get_emb(max_seq_len, offset)
         if self.groups.cp_size == 1:
             return emb
-        positions = usp_positions(max_seq_len, self.ring_impl, self.groups)
+        positions = self.layout.positions(
+            max_seq_len, self.groups.ulysses_rank, self.groups.ring_rank
+        )
         return emb.index_select(0, positions.to(emb.device))
 
 
 def use_usp_rotary_embedding(model: torch.nn.Module, ring_impl: str) -> torch.nn.Module:
-    """Give a built ``GPTModel`` the RoPE slice of ``ring_impl``; returns the model.
+    """Give a built ``GPTModel`` the positions of ``ring_impl``'s layout; returns the model.
 
-    Needed for stripe and basic (zigzag is Megatron's own slice, and is left alone). Models
-    without RoPE are returned unchanged.
+    Needed for layouts other than Megatron's own split (stripe, basic): the RoPE table is
+    re-sliced (models without RoPE take their position ids from the batch split), and the
+    model's USP attention modules are told, which lets their forward run.
     """
-    check_ring_impl(ring_impl)
     rotary = getattr(model, "rotary_pos_emb", None)
-    if ring_impl != "zigzag" and isinstance(rotary, RotaryEmbedding):
+    if not layout_type(ring_impl).megatron_split and isinstance(rotary, RotaryEmbedding):
         model.rotary_pos_emb = USPRotaryEmbedding.adopt(rotary, ring_impl)
+    for module in model.modules():
+        if isinstance(module, USPAttention):
+            if module.attention.ring_impl != ring_impl:
+                raise ValueError(
+                    f"the model's USP attention uses ring_impl={module.attention.ring_impl!r}, "
+                    f"not {ring_impl!r}: pass the ring_impl its spec was built with"
+                )
+            module.positions_confirmed = True
     return model

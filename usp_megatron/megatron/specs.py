@@ -8,8 +8,6 @@ so that every self-attention's ``core_attention`` is :class:`USPAttention`.
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Callable
 from typing import Any
 
 from megatron.core.models.gpt import gpt_layer_specs
@@ -23,17 +21,31 @@ from usp_megatron.megatron.core_attention import USPAttention
 from usp_megatron.megatron.validation import check_attention_options
 
 
+@dataclasses.dataclass(frozen=True)
+class USPCoreAttention:
+    """What goes in ``SelfAttentionSubmodules.core_attention``. Megatron calls that slot
+    directly with the ``DotProductAttention`` arguments (a ``ModuleSpec`` would not be
+    built there), so this is a callable that adds USP's own settings; being a dataclass,
+    two specs with the same settings compare equal."""
+
+    ring_impl: str = "zigzag"
+    backend: str = "auto"
+    rope_sliced_for_layout: bool = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> USPAttention:
+        return USPAttention(*args, **kwargs, **dataclasses.asdict(self))
+
+
 def usp_core_attention(
-    ring_impl: str = "zigzag", backend: str = "auto"
-) -> Callable[..., USPAttention]:
-    """What goes in ``SelfAttentionSubmodules.core_attention``: Megatron calls it with the
-    ``DotProductAttention`` arguments (it calls the slot directly, so a partial works)."""
+    ring_impl: str = "zigzag", backend: str = "auto", rope_sliced_for_layout: bool = False
+) -> USPCoreAttention:
+    """The ``core_attention`` slot for USP (see :class:`USPCoreAttention`)."""
     check_ring_impl(ring_impl)
     check_backend(backend)
-    return functools.partial(USPAttention, ring_impl=ring_impl, backend=backend)
+    return USPCoreAttention(ring_impl, backend, rope_sliced_for_layout)
 
 
-def _swap(node: Any, core_attention: Callable[..., USPAttention]) -> Any:
+def _swap(node: Any, core_attention: USPCoreAttention) -> Any:
     if isinstance(node, MLASelfAttentionSubmodules):
         check_attention_options(multi_latent_attention=True)
     if isinstance(node, SelfAttentionSubmodules):

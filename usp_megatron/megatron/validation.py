@@ -6,7 +6,7 @@ Megatron-LM flag validation, so every entry point refuses the same things in the
 
 from __future__ import annotations
 
-from usp_megatron.layout import check_degrees
+from usp_megatron.layout import check_degrees, layout_type
 
 
 def heads_per_tp_rank(num_attention_heads: int, tensor_parallel_size: int) -> int:
@@ -18,13 +18,31 @@ def heads_per_tp_rank(num_attention_heads: int, tensor_parallel_size: int) -> in
     return num_attention_heads // tensor_parallel_size
 
 
-def check_heads(num_attention_heads: int, tensor_parallel_size: int, ulysses_degree: int) -> None:
+def check_heads(
+    num_attention_heads: int,
+    tensor_parallel_size: int,
+    ulysses_degree: int,
+    num_query_groups: int | None = None,
+) -> None:
     """Query heads are split by TP first, then by the ulysses all-to-all.
 
-    Key/value heads need no check: when a TP rank has fewer than ``U`` of them they are
+    Key/value heads (``num_query_groups``) must divide the query heads and split over TP;
+    beyond that they need no check: when a TP rank has fewer than ``U`` of them they are
     replicated inside the attention, never dropped.
     """
     per_rank = heads_per_tp_rank(num_attention_heads, tensor_parallel_size)
+    groups = num_attention_heads if num_query_groups is None else num_query_groups
+    if groups < 1 or num_attention_heads % groups:
+        raise ValueError(
+            f"num_query_groups={groups} (--num-query-groups) must divide "
+            f"num_attention_heads={num_attention_heads}: every key/value head serves the "
+            "same number of query heads"
+        )
+    if groups % tensor_parallel_size and tensor_parallel_size % groups:
+        raise ValueError(
+            f"num_query_groups={groups} (--num-query-groups) and the tensor-parallel size "
+            f"{tensor_parallel_size} must divide one another"
+        )
     if per_rank % ulysses_degree:
         raise ValueError(
             f"attention heads per tensor-parallel rank ({num_attention_heads} / TP "
@@ -63,11 +81,23 @@ def check_attention_options(
 
 def check_position_embedding(position_embedding_type: str, ring_impl: str) -> None:
     """Only RoPE (and position ids) get the plugin's own slice for stripe and basic."""
-    if ring_impl != "zigzag" and position_embedding_type in ("yarn", "mrope"):
+    if not layout_type(ring_impl).megatron_split and position_embedding_type in ("yarn", "mrope"):
         raise ValueError(
             f"position_embedding_type={position_embedding_type!r} is sliced by Megatron for "
             f"the zigzag layout only; use --usp-ring-impl zigzag, or 'rope' / "
             f"'learned_absolute' / 'none' with ring_impl={ring_impl!r}"
+        )
+
+
+def check_cp_comm_type(cp_comm_type: object, ulysses_degree: int, ring_degree: int) -> None:
+    """Megatron's per-layer ``cp_comm_type`` must name what USP's degrees do: ``a2a+p2p``
+    (or None) always, ``p2p`` with ``U == 1``, ``a2a`` with ``R == 1``; never ``all_gather``."""
+    fits = {None: True, "a2a+p2p": True, "p2p": ulysses_degree == 1, "a2a": ring_degree == 1}
+    if not fits.get(cp_comm_type, False):
+        raise ValueError(
+            f"cp_comm_type={cp_comm_type!r} does not describe USP with ulysses degree "
+            f"{ulysses_degree} x ring degree {ring_degree}: the degrees decide the "
+            "communication; leave cp_comm_type unset (or 'a2a+p2p')"
         )
 
 

@@ -1,0 +1,17 @@
+"""Communication: the ulysses all-to-all and the ring's neighbour exchange."""
+
+from usp_megatron.comm.all_to_all import (
+    PendingExchange,
+    heads_to_seq_start,
+    seq_to_heads_start,
+    split_heads,
+)
+from usp_megatron.comm.ring_exchange import RingExchange
+
+__all__ = [
+    "PendingExchange",
+    "RingExchange",
+    "heads_to_seq_start",
+    "seq_to_heads_start",
+    "split_heads",
+]
