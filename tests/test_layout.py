@@ -83,3 +83,65 @@ def test_zigzag_piece_order_matches_design():
 def test_layout_errors(args, message):
     with pytest.raises(ValueError, match=message):
         local_positions(*args)
+
+
+WINDOWS = [(0, 0), (1, 0), (3, 2), (5, -1), (-1, 4), (7, 7), (40, 40)]
+
+
+def _visible_from_tasks(tasks, block_len):
+    """The [block_len, block_len] visibility the tasks compute, counting overlaps."""
+    seen = torch.zeros(block_len, block_len, dtype=torch.int64)
+    for task in tasks:
+        rows = torch.arange(block_len)[task.q_rows]
+        cols = torch.arange(block_len)[task.kv_rows]
+        mask = task.mask.visible(len(rows), len(cols))
+        assert mask.any(1).all() and mask.any(0).all(), f"empty row or column in {task}"
+        seen[rows[:, None], cols[None, :]] += mask.long()
+    return seen
+
+
+@pytest.mark.parametrize("impl", RING_IMPLS)
+@pytest.mark.parametrize("ulysses,ring", [(1, 1), (1, 2), (2, 2), (1, 4), (2, 3)])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window", [None, *WINDOWS])
+def test_block_tasks_compute_exactly_the_mask(impl, ulysses, ring, causal, window):
+    """Every ring block pair's tasks cover exactly the (windowed, causal) visibility of
+    their global positions, once, with no empty rows; steps after ring_steps have none."""
+    layout = get_layout(impl, ulysses, ring)
+    seq_len = layout.sequence_multiple * 4
+    block_len = seq_len // ring
+    steps = layout.ring_steps(block_len, causal, window)
+    for r in range(ring):
+        q_pos = layout.ring_block_positions(seq_len, r)
+        for step in range(ring):
+            kv_rank = (r - step) % ring
+            k_pos = layout.ring_block_positions(seq_len, kv_rank)
+            offset = k_pos[None, :] - q_pos[:, None]
+            want = torch.ones_like(offset, dtype=torch.bool)
+            if causal:
+                want &= offset <= 0
+            if window is not None:
+                left, right = window
+                want &= (offset >= -left) if left >= 0 else want
+                want &= (offset <= right) if right >= 0 else want
+            tasks = layout.block_tasks(r, kv_rank, block_len, causal, window)
+            got = _visible_from_tasks(tasks, block_len)
+            assert torch.equal(got, want.long()), (r, kv_rank)
+            if step >= steps:
+                assert not tasks, f"step {step} has work but ring_steps is {steps}"
+
+
+def test_windowed_basic_ring_ends_early():
+    """A window inside one block needs the diagonal and the previous block only."""
+    layout = get_layout("basic", 1, 8)
+    assert layout.ring_steps(16, True, (4, 0)) == 2
+    assert layout.ring_steps(16, True, None) == 8
+    assert layout.ring_steps(16, True, (40, 0)) == 4
+
+
+@pytest.mark.parametrize("bad", [(1,), (1, -2), (1.5, 0), "left", (True, 0)])
+def test_window_errors(bad):
+    from usp_megatron.layout import check_window
+
+    with pytest.raises(ValueError, match="window_size must be"):
+        check_window(bad)

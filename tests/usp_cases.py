@@ -32,7 +32,9 @@ def head_configs(ulysses: int) -> list[tuple[int, int, int]]:
     return [config for config in configs if config[0] % ulysses == 0]
 
 
-def run_case(groups, impl, causal, heads, device, dtype, backend, seq_per_rank, head_dim):
+def run_case(
+    groups, impl, causal, heads, device, dtype, backend, seq_per_rank, head_dim, window=None
+):
     hq, hkv, head_chunks = heads
     cp = groups.cp_size
     seq_len = seq_per_rank * cp
@@ -43,7 +45,7 @@ def run_case(groups, impl, causal, heads, device, dtype, backend, seq_per_rank, 
     q, dout = (torch.randn(shape_q, **f64).to(device) for _ in range(2))
     k, v = (torch.randn(shape_kv, **f64).to(device) for _ in range(2))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = attention_float64(*leaves, causal=causal)
+    ref = attention_float64(*leaves, causal=causal, window=window)
     ref.backward(dout)
 
     def local(t):
@@ -51,7 +53,7 @@ def run_case(groups, impl, causal, heads, device, dtype, backend, seq_per_rank, 
 
     mine = [local(t).requires_grad_() for t in (q, k, v)]
     attn = LongContextAttention(groups, ring_impl=impl, backend=backend, head_chunks=head_chunks)
-    out = attn(*mine, causal=causal)
+    out = attn(*mine, causal=causal, window_size=window)
     out.backward(local(dout))
     return {
         "out": rel_error(out, local(ref)),
@@ -83,5 +85,39 @@ def run_all_cases(
                 groups, impl, causal, heads, device, dtype, backend, seq_per_rank, head_dim
             )
             case = f"U{ulysses}xR{ring} {impl} causal={causal} (hq, hkv, chunks)={heads} {backend}"
+            results.append((case, errors))
+    return results
+
+
+def windows_for(seq_len: int) -> list[tuple[int, int]]:
+    """Smaller than a chunk, spanning several chunks, larger than the sequence."""
+    return [(2, 0), (seq_len // 3, 1), (2 * seq_len, 2 * seq_len)]
+
+
+def run_window_cases(
+    device_kind: str = "cpu",
+    dtype_name: str = "float32",
+    backend: str = "auto",
+    seq_per_rank: int = 16,
+    head_dim: int = 16,
+):
+    """Sliding windows: every (U, R) x impl x causal x window, GQA; returns [(case, errors)]."""
+    device = torch.device("cpu")
+    if device_kind == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = getattr(torch, dtype_name)
+    results = []
+    seq_len = seq_per_rank * dist.get_world_size()
+    for ulysses, ring in factorizations(dist.get_world_size()):
+        groups = init_usp_groups(ulysses, ring)
+        for impl, causal, window in itertools.product(
+            RING_IMPLS, (True, False), windows_for(seq_len)
+        ):
+            heads = (8, 2, 1)
+            errors = run_case(
+                groups, impl, causal, heads, device, dtype, backend, seq_per_rank, head_dim,
+                window,
+            )
+            case = f"U{ulysses}xR{ring} {impl} causal={causal} window={window} {backend}"
             results.append((case, errors))
     return results

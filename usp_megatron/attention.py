@@ -18,7 +18,7 @@ from torch import nn
 from usp_megatron.comm import heads_to_seq_start, seq_to_heads_start, split_heads
 from usp_megatron.groups import USPGroups
 from usp_megatron.kernels import AttentionKernel, check_backend, get_kernel
-from usp_megatron.layout import SequenceLayout, get_layout
+from usp_megatron.layout import SequenceLayout, check_window, get_layout
 from usp_megatron.ring import ring_attention, ring_backward, ring_forward
 from usp_megatron.sharding import gather_sequence, shard_sequence
 
@@ -59,7 +59,7 @@ class _UlyssesRingFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, groups, layout, kernel, causal, scale, chunks, q, k, v):
+    def forward(ctx, groups, layout, kernel, causal, scale, window, chunks, q, k, v):
         degree, group = groups.ulysses_degree, groups.ulysses_group
         sends = zip(*(split_heads(t, degree, chunks) for t in (q, k, v)))
         incoming = [seq_to_heads_start(list(qkv), layout, group) for qkv in sends]
@@ -68,15 +68,16 @@ class _UlyssesRingFunction(torch.autograd.Function):
         outgoing = []
         for pending, destination in zip(incoming, split_heads(out, degree, chunks)):
             q_ring, k_ring, v_ring = pending.wait()
-            out_ring, lse = ring_forward(groups, layout, kernel, q_ring, k_ring, v_ring,
-                                         causal, scale)
+            out_ring, lse = ring_forward(
+                groups, layout, kernel, q_ring, k_ring, v_ring, causal, scale, window
+            )
             outgoing.append(heads_to_seq_start([out_ring], [destination], layout, group))
             saved.append(_RingInputs(q_ring, k_ring, v_ring, outgoing[-1].sent, lse))
         for pending in outgoing:
             pending.wait()
         ctx.save_for_backward(*(t for inputs in saved for t in inputs))
         ctx.groups, ctx.layout, ctx.kernel = groups, layout, kernel
-        ctx.causal, ctx.scale, ctx.chunks = causal, scale, chunks
+        ctx.causal, ctx.scale, ctx.window, ctx.chunks = causal, scale, window, chunks
         ctx.kv_shape = k.shape
         return out
 
@@ -99,12 +100,12 @@ class _UlyssesRingFunction(torch.autograd.Function):
             (dout_ring,) = pending.wait()
             grads = ring_backward(
                 groups, layout, ctx.kernel, dout_ring, inputs.q, inputs.k, inputs.v,
-                inputs.out, inputs.lse, ctx.causal, ctx.scale,
+                inputs.out, inputs.lse, ctx.causal, ctx.scale, ctx.window,
             )
             outgoing.append(heads_to_seq_start(list(grads), list(destination), layout, group))
         for pending in outgoing:
             pending.wait()
-        return None, None, None, None, None, None, dq, dk, dv
+        return None, None, None, None, None, None, None, dq, dk, dv
 
 
 class LongContextAttention(nn.Module):
@@ -133,7 +134,7 @@ class LongContextAttention(nn.Module):
         )
         self.groups, self.ring_impl, self.backend = groups, ring_impl, backend
         self.head_chunks = head_chunks
-        self._kernels: dict[tuple[torch.device, torch.dtype], AttentionKernel] = {}
+        self._kernels: dict[tuple[torch.device, torch.dtype, bool], AttentionKernel] = {}
 
     def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """This rank's positions of a full-sequence tensor ``x`` along ``dim``."""
@@ -147,10 +148,10 @@ class LongContextAttention(nn.Module):
         """Global positions this rank holds, in local order."""
         return self.layout.positions(seq_len, self.groups.ulysses_rank, self.groups.ring_rank)
 
-    def _kernel(self, device: torch.device, dtype: torch.dtype) -> AttentionKernel:
-        key = (device, dtype)
+    def _kernel(self, device: torch.device, dtype: torch.dtype, windows: bool) -> AttentionKernel:
+        key = (device, dtype, windows)
         if key not in self._kernels:
-            self._kernels[key] = get_kernel(self.backend, device, dtype)
+            self._kernels[key] = get_kernel(self.backend, device, dtype, windows)
         return self._kernels[key]
 
     def _check(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -183,14 +184,23 @@ class LongContextAttention(nn.Module):
         v: torch.Tensor,
         causal: bool = True,
         softmax_scale: float | None = None,
+        window_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """q: [b, s_local, hq, d]; k, v: [b, s_local, hkv, d] -> [b, s_local, hq, d]."""
+        """q: [b, s_local, hq, d]; k, v: [b, s_local, hkv, d] -> [b, s_local, hq, d].
+
+        ``window_size=(left, right)``: the query at global position ``i`` sees keys
+        ``i-left .. i+right`` (-1 unbounded; with ``causal`` also only keys ``<= i``);
+        None or ``(-1, -1)`` is full attention.
+        """
         self._check(q, k, v)
-        kernel = self._kernel(q.device, q.dtype)
+        window = check_window(window_size)
+        kernel = self._kernel(q.device, q.dtype, window is not None)
         scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
         u = self.groups.ulysses_degree
         if u == 1:
-            return ring_attention(self.groups, self.layout, kernel, q, k, v, causal, scale)
+            return ring_attention(
+                self.groups, self.layout, kernel, q, k, v, causal, scale, window
+            )
         hkv = kv_heads_for_ulysses(q.shape[2], k.shape[2], u)
         if hkv != k.shape[2]:
             repeat = hkv // k.shape[2]
@@ -202,5 +212,5 @@ class LongContextAttention(nn.Module):
                 f"and the key/value heads per rank {hkv // u}"
             )
         return _UlyssesRingFunction.apply(
-            self.groups, self.layout, kernel, causal, scale, chunks, q, k, v
+            self.groups, self.layout, kernel, causal, scale, window, chunks, q, k, v
         )

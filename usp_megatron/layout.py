@@ -18,18 +18,80 @@ sequence lengths it accepts. Nothing outside this module compares layout names.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import ClassVar
 
 import torch
 
-from usp_megatron.mask import ALL_ROWS, CAUSAL, FULL, BlockTask
+from usp_megatron.mask import ALL_ROWS, CAUSAL, FULL, BlockMask, BlockTask
+
+Window = tuple[int, int]
 
 
 def check_degrees(ulysses_degree: int, ring_degree: int) -> None:
     for name, value in (("ulysses_degree", ulysses_degree), ("ring_degree", ring_degree)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_window(window_size: object) -> Window | None:
+    """``window_size=(left, right)``: query ``i`` sees keys ``i-left .. i+right``, -1 unbounded.
+    Returns None for full attention (None or ``(-1, -1)``)."""
+    if window_size is None:
+        return None
+    ok = (
+        isinstance(window_size, (tuple, list))
+        and len(window_size) == 2
+        and all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)
+    )
+    if not ok:
+        raise ValueError(
+            f"window_size must be (left, right) with integers >= -1 (-1: unbounded), got "
+            f"{window_size!r}"
+        )
+    left, right = window_size
+    return None if (left, right) == (-1, -1) else (left, right)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """Rows ``row .. row+length-1`` of a ring block hold positions ``position + stride*i``."""
+
+    row: int
+    length: int
+    position: int
+    stride: int
+
+
+def _rows(start: int, stop: int, block_len: int) -> slice:
+    return ALL_ROWS if (start, stop) == (0, block_len) else slice(start, stop)
+
+
+def _band_task(
+    queries: _Run, keys: _Run, lo: int | None, hi: int | None, block_len: int
+) -> BlockTask | None:
+    """The block task of two runs of equal stride when key ``j`` is visible to query ``i``
+    iff ``lo <= position(j) - position(i) <= hi``: rows and columns that see or are seen by
+    nothing are trimmed away; None when nothing is visible."""
+    stride, delta = queries.stride, keys.position - queries.position
+    nq, nk = queries.length, keys.length
+    # In row numbers: lo <= delta + stride * (j - i) <= hi, for 0 <= i < nq, 0 <= j < nk.
+    first = -(nq - 1) if lo is None else max(-(nq - 1), -((delta - lo) // stride))
+    last = nk - 1 if hi is None else min(nk - 1, (hi - delta) // stride)
+    if first > last:
+        return None
+    i0, i1 = max(0, -last), min(nq - 1, nk - 1 - first)  # rows that see a key
+    j0, j1 = max(0, first), min(nk - 1, nq - 1 + last)  # keys that are seen
+    first, last = first - j0 + i0, last - j0 + i0
+    mask = BlockMask(
+        lo=None if first <= -(i1 - i0) else first, hi=None if last >= j1 - j0 else last
+    )
+    return BlockTask(
+        _rows(queries.row + i0, queries.row + i1 + 1, block_len),
+        _rows(keys.row + j0, keys.row + j1 + 1, block_len),
+        mask,
+    )
 
 
 class SequenceLayout:
@@ -124,17 +186,64 @@ class SequenceLayout:
 
     # -- what each ring step computes --------------------------------------------------
     def block_tasks(
-        self, ring_rank: int, kv_rank: int, block_len: int, causal: bool
+        self,
+        ring_rank: int,
+        kv_rank: int,
+        block_len: int,
+        causal: bool,
+        window: Window | None = None,
     ) -> tuple[BlockTask, ...]:
         """Which rows of this rank's queries (ring block ``ring_rank``) attend which rows of
-        ring block ``kv_rank``, and with which mask; empty when none do."""
+        ring block ``kv_rank``, and with which mask; empty when none do.
+
+        Without a window each layout has a closed form (one task, or none). With a window
+        (``check_window``) the blocks are cut into runs of evenly spaced positions and every
+        pair of runs gets the band of the window shifted by the runs' position offset.
+        """
+        if window is not None:
+            return self._windowed_tasks(ring_rank, kv_rank, block_len, causal, window)
         if not causal:
             return (BlockTask(ALL_ROWS, ALL_ROWS, FULL),)
         if kv_rank == ring_rank:
             return (BlockTask(ALL_ROWS, ALL_ROWS, CAUSAL),)
         return self._causal_off_diagonal(kv_rank < ring_rank, block_len)
 
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 - layouts are few and live for the process
+    def _windowed_tasks(
+        self, ring_rank: int, kv_rank: int, block_len: int, causal: bool, window: Window
+    ) -> tuple[BlockTask, ...]:
+        left, right = window
+        lo = None if left < 0 else -left
+        hi = None if right < 0 else right
+        if causal:
+            hi = 0 if hi is None else min(hi, 0)
+        tasks = (
+            _band_task(queries, keys, lo, hi, block_len)
+            for queries in self._runs(ring_rank, block_len)
+            for keys in self._runs(kv_rank, block_len)
+        )
+        return tuple(task for task in tasks if task is not None)
+
+    @functools.lru_cache(maxsize=256)  # noqa: B019 - layouts are few and live for the process
+    def ring_steps(self, block_len: int, causal: bool, window: Window | None = None) -> int:
+        """How many steps of the ring pass any rank computes in: with a window the steps
+        after the last one some rank needs are skipped, communication included."""
+        if window is None:
+            return self.ring_degree
+        degree = self.ring_degree
+        needed = [
+            step
+            for step in range(degree)
+            for rank in range(degree)
+            if self.block_tasks(rank, (rank - step) % degree, block_len, causal, window)
+        ]
+        return max(needed) + 1
+
     def _causal_off_diagonal(self, earlier: bool, block_len: int) -> tuple[BlockTask, ...]:
+        raise NotImplementedError
+
+    def _runs(self, ring_rank: int, block_len: int) -> list[_Run]:
+        """The ring block of ``ring_rank`` as runs of evenly spaced positions."""
         raise NotImplementedError
 
 
@@ -150,6 +259,9 @@ class BasicLayout(SequenceLayout):
 
     def _causal_off_diagonal(self, earlier: bool, block_len: int) -> tuple[BlockTask, ...]:
         return (BlockTask(ALL_ROWS, ALL_ROWS, FULL),) if earlier else ()
+
+    def _runs(self, ring_rank: int, block_len: int) -> list[_Run]:
+        return [_Run(0, block_len, ring_rank * block_len, 1)]
 
 
 class ZigzagLayout(SequenceLayout):
@@ -175,6 +287,11 @@ class ZigzagLayout(SequenceLayout):
             return (BlockTask(ALL_ROWS, slice(0, half), FULL),)
         return (BlockTask(slice(half, None), ALL_ROWS, FULL),)
 
+    def _runs(self, ring_rank: int, block_len: int) -> list[_Run]:
+        half = block_len // 2
+        last_chunk = 2 * self.ring_degree - 1 - ring_rank
+        return [_Run(0, half, ring_rank * half, 1), _Run(half, half, last_chunk * half, 1)]
+
 
 class StripeLayout(SequenceLayout):
     """Ring block ``r`` holds positions ``t % R == r``: query ``i`` sees key ``j`` of an
@@ -194,6 +311,9 @@ class StripeLayout(SequenceLayout):
         if block_len == 1:
             return ()
         return (BlockTask(slice(1, None), slice(0, block_len - 1), CAUSAL),)
+
+    def _runs(self, ring_rank: int, block_len: int) -> list[_Run]:
+        return [_Run(0, block_len, ring_rank, self.ring_degree)]
 
 
 LAYOUTS: dict[str, type[SequenceLayout]] = {

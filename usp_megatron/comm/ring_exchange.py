@@ -1,7 +1,8 @@
 """The ring's neighbour exchange: send to the next ring rank, receive from the previous.
 
 ``start(t)`` posts both with ``batch_isend_irecv``; ``wait()`` returns what arrived. The
-caller computes in between, so the transfer overlaps the current block.
+caller computes in between, so the transfer overlaps the current block. ``shift`` sends
+further round the ring (a pass that ends early sends gradients home in one hop).
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from torch.distributed import ProcessGroup
 
 
 class RingExchange:
-    """Point-to-point send to the next rank and receive from the previous one in a ring."""
+    """Send to the rank ``shift`` ahead in the ring and receive from the one ``shift`` behind."""
 
-    def __init__(self, group: ProcessGroup) -> None:
+    def __init__(self, group: ProcessGroup, shift: int = 1) -> None:
         self.group = group
         size, rank = dist.get_world_size(group), dist.get_rank(group)
-        self.next_rank = dist.get_global_rank(group, (rank + 1) % size)
-        self.prev_rank = dist.get_global_rank(group, (rank - 1) % size)
+        self.next_rank = dist.get_global_rank(group, (rank + shift) % size)
+        self.prev_rank = dist.get_global_rank(group, (rank - shift) % size)
         self._works: list = []
         self._outgoing: torch.Tensor | None = None  # kept alive until the send completes
         self._incoming: torch.Tensor | None = None

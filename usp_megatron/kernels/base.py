@@ -24,6 +24,9 @@ from usp_megatron.mask import BlockMask
 
 class AttentionKernel(Protocol):
     name: str
+    #: Whether it computes any ``BlockMask`` band (sliding windows), not only full and
+    #: square-causal blocks.
+    takes_windows: bool
 
     def available(self, device: torch.device, dtype: torch.dtype) -> bool: ...
 
@@ -69,7 +72,7 @@ def check_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMa
         raise ValueError(
             f"query heads {q.shape[2]} must be a multiple of key/value heads {k.shape[2]}"
         )
-    if mask.causal and q.shape[1] != k.shape[1]:
+    if mask.is_causal and q.shape[1] != k.shape[1]:
         raise ValueError(
             f"causal blocks must be square, got sq={q.shape[1]} and sk={k.shape[1]}"
         )

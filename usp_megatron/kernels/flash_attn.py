@@ -25,16 +25,18 @@ def flash_attn_importable() -> bool:
 
 class FlashAttnKernel:
     name = "flash_attn"
+    takes_windows = True
 
     def available(self, device: torch.device, dtype: torch.dtype) -> bool:
         return device.type == "cuda" and dtype in _HALF and flash_attn_importable()
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale: float) -> Pair:
+        left, right = mask.flash_window(q.shape[1], k.shape[1])
         from flash_attn.flash_attn_interface import _flash_attn_forward
 
         out, lse, *_ = _flash_attn_forward(
-            q, k, v, dropout_p=0.0, softmax_scale=scale, causal=mask.causal,
-            window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None,
+            q, k, v, dropout_p=0.0, softmax_scale=scale, causal=False,
+            window_size_left=left, window_size_right=right, softcap=0.0, alibi_slopes=None,
             return_softmax=False,
         )
         return out, lse
@@ -45,11 +47,12 @@ class FlashAttnKernel:
     ) -> Triple:
         from flash_attn.flash_attn_interface import _flash_attn_backward
 
+        left, right = mask.flash_window(q.shape[1], k.shape[1])
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         _flash_attn_backward(
             dout.contiguous(), q, k, v, out, lse.contiguous(), dq, dk, dv,
-            dropout_p=0.0, softmax_scale=scale, causal=mask.causal, window_size_left=-1,
-            window_size_right=-1, softcap=0.0, alibi_slopes=None, deterministic=False,
+            dropout_p=0.0, softmax_scale=scale, causal=False, window_size_left=left,
+            window_size_right=right, softcap=0.0, alibi_slopes=None, deterministic=False,
             rng_state=None,
         )
         return dq, dk, dv

@@ -22,15 +22,15 @@ def _scores(q: torch.Tensor, k: torch.Tensor, mask: BlockMask, scale: float) -> 
     acc = accum_dtype(q.dtype)
     k = expand_kv_heads(k, q.shape[2])
     scores = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), k.to(acc)) * scale
-    if mask.causal:
+    if not mask.is_full:
         sq, sk = scores.shape[-2:]
-        future = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(future, float("-inf"))
+        scores = scores.masked_fill(~mask.visible(sq, sk, q.device), float("-inf"))
     return scores
 
 
 class ReferenceKernel:
     name = "reference"
+    takes_windows = True
 
     def available(self, device: torch.device, dtype: torch.dtype) -> bool:
         return True

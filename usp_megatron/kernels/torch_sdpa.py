@@ -29,17 +29,33 @@ def _empty(device: torch.device) -> torch.Tensor:
     return torch.empty(0, device=device)
 
 
+def _dense(mask: BlockMask, sq: int, sk: int) -> bool:
+    """Full, or causal on a square block: what the SDPA ops' ``is_causal`` flag says."""
+    return mask.is_full or (mask.is_causal and sq == sk)
+
+
 class FlashSDPAKernel:
-    """``aten._scaled_dot_product_flash_attention``: fp16/bf16, GQA shapes accepted."""
+    """``aten._scaled_dot_product_flash_attention``: fp16/bf16, GQA shapes accepted; banded
+    (sliding-window) blocks through ``aten._flash_attention_forward/_backward``, which take
+    FlashAttention's ``window_size_left/right``."""
 
     name = "torch_flash"
+    takes_windows = True
 
     def available(self, device: torch.device, dtype: torch.dtype) -> bool:
         return device.type == "cuda" and dtype in _HALF
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale: float) -> Pair:
+        sq, sk = q.shape[1], k.shape[1]
+        if not _dense(mask, sq, sk):
+            left, right = mask.flash_window(sq, sk)
+            out, lse, *_ = aten._flash_attention_forward(
+                q, k, v, None, None, sq, sk, 0.0, False, False, scale=scale,
+                window_size_left=left, window_size_right=right,
+            )
+            return out, lse
         out, lse, *_ = aten._scaled_dot_product_flash_attention(
-            _t(q), _t(k), _t(v), 0.0, mask.causal, False, scale=scale
+            _t(q), _t(k), _t(v), 0.0, mask.is_causal, False, scale=scale
         )
         return _t(out), lse
 
@@ -48,9 +64,17 @@ class FlashSDPAKernel:
         mask: BlockMask, scale: float,
     ) -> Triple:
         sq, sk = q.shape[1], k.shape[1]
+        if not _dense(mask, sq, sk):
+            left, right = mask.flash_window(sq, sk)
+            return aten._flash_attention_backward(
+                dout, q, k, v, out, lse.contiguous(), None, None, sq, sk, 0.0, False,
+                _empty(q.device), _empty(q.device), scale=scale,
+                window_size_left=left, window_size_right=right,
+            )
         dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
             _t(dout), _t(q), _t(k), _t(v), _t(out), lse.contiguous(),
-            None, None, sq, sk, 0.0, mask.causal, _empty(q.device), _empty(q.device), scale=scale,
+            None, None, sq, sk, 0.0, mask.is_causal, _empty(q.device), _empty(q.device),
+            scale=scale,
         )
         return _t(dq), _t(dk), _t(dv)
 
@@ -59,6 +83,7 @@ class CudnnSDPAKernel:
     """``aten._scaled_dot_product_cudnn_attention``: fp16/bf16 on sm80+, GQA shapes accepted."""
 
     name = "torch_cudnn"
+    takes_windows = False
 
     def available(self, device: torch.device, dtype: torch.dtype) -> bool:
         if device.type != "cuda" or dtype not in _HALF:
@@ -67,7 +92,7 @@ class CudnnSDPAKernel:
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale: float) -> Pair:
         out, lse, *_ = aten._scaled_dot_product_cudnn_attention(
-            _t(q), _t(k), _t(v), None, True, 0.0, mask.causal, False, scale=scale
+            _t(q), _t(k), _t(v), None, True, 0.0, mask.is_causal, False, scale=scale
         )
         return _t(out), lse.reshape(lse.shape[:3])
 
@@ -79,7 +104,7 @@ class CudnnSDPAKernel:
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
             _t(dout), _t(q), _t(k), _t(v), _t(out),
             lse.contiguous().unsqueeze(-1), _empty(q.device), _empty(q.device), None,
-            None, None, sq, sk, 0.0, mask.causal, scale=scale,
+            None, None, sq, sk, 0.0, mask.is_causal, scale=scale,
         )
         return _t(dq), _t(dk), _t(dv)
 
@@ -92,6 +117,7 @@ class EfficientSDPAKernel:
     """
 
     name = "torch_efficient"
+    takes_windows = False
 
     def available(self, device: torch.device, dtype: torch.dtype) -> bool:
         return device.type == "cuda" and dtype in (*_HALF, torch.float32)
@@ -100,7 +126,7 @@ class EfficientSDPAKernel:
         hq = q.shape[2]
         out, lse, *_ = aten._scaled_dot_product_efficient_attention(
             _t(q), _t(expand_kv_heads(k, hq)), _t(expand_kv_heads(v, hq)),
-            None, True, 0.0, mask.causal, scale=scale,
+            None, True, 0.0, mask.is_causal, scale=scale,
         )
         return _t(out), lse[:, :, : q.shape[1]]
 
@@ -120,6 +146,6 @@ class EfficientSDPAKernel:
         dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
             _t(dout), _t(q), _t(expand_kv_heads(k, hq)), _t(expand_kv_heads(v, hq)),
             None, _t(out), padded, _empty(q.device), _empty(q.device), 0.0,
-            [True, True, True, False], mask.causal, scale=scale,
+            [True, True, True, False], mask.is_causal, scale=scale,
         )
         return _t(dq), reduce_kv_heads(_t(dk), hkv), reduce_kv_heads(_t(dv), hkv)
