@@ -24,6 +24,7 @@ from usp_megatron.megatron import (
     validate_usp_args,
     with_usp_attention,
 )
+from usp_megatron.megatron.arguments import usp_enabled
 from usp_megatron.megatron.megatron_lm import (
     with_usp_args,
     wrap_core_attention,
@@ -62,6 +63,25 @@ def test_flags_off_leave_megatron_alone():
     args = apply_usp_args(parse(context_parallel_size=4))
     assert args.context_parallel_size == 4 and args.hierarchical_context_parallel_sizes is None
     validate_usp_args(parse(num_attention_heads=3, attention_dropout=0.1))
+
+
+@pytest.mark.parametrize(
+    "ulysses, ring, message",
+    [
+        ("0", "4", "--usp-ulysses-degree must be an integer >= 1 (1: no all-to-all), got 0"),
+        ("-2", "1", "--usp-ulysses-degree must be an integer >= 1 (1: no all-to-all), got -2"),
+        ("4", "0", "--usp-ring-degree must be an integer >= 1 (1: no ring), got 0"),
+        ("1", "-1", "--usp-ring-degree must be an integer >= 1 (1: no ring), got -1"),
+    ],
+)
+def test_degrees_below_one_are_refused_not_read_as_off(ulysses, ring, message):
+    # U = 0, R = 4 once trained plain data parallelism: its product is not above 1.
+    args = parse("--usp-ulysses-degree", ulysses, "--usp-ring-degree", ring)
+    for step in (usp_enabled, apply_usp_args, validate_usp_args):
+        with pytest.raises(ValueError) as error:
+            step(args)
+        assert str(error.value) == message
+    assert args.context_parallel_size == 1
 
 
 def test_unknown_ring_impl_is_an_argparse_error():

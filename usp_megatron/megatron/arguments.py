@@ -4,7 +4,8 @@
 ``validate_args`` (it sets ``context_parallel_size = U * R`` and the hierarchical sizes
 ``[U, R]`` so Megatron builds the groups and checks the sequence length);
 ``validate_usp_args`` runs after it, when derived values such as ``seq_length`` are final.
-USP is on when ``U * R > 1``; otherwise both leave the arguments alone.
+USP is on when either degree is above 1; otherwise both leave the arguments alone. A degree
+below 1 is an error, never a way to turn USP off.
 """
 
 from __future__ import annotations
@@ -54,8 +55,21 @@ def add_usp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _check_degree(flag: str, value: object, meaning_of_one: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(
+            f"{flag} must be an integer >= 1 (1: {meaning_of_one}), got {value!r}"
+        )
+
+
 def usp_enabled(args: argparse.Namespace) -> bool:
-    return getattr(args, "usp_ulysses_degree", 1) * getattr(args, "usp_ring_degree", 1) > 1
+    """Whether the flags ask for USP; refuses degrees below 1 rather than reading them as off
+    (a product test would turn ``U = 0, R = 4`` into plain data parallelism)."""
+    u = getattr(args, "usp_ulysses_degree", 1)
+    r = getattr(args, "usp_ring_degree", 1)
+    _check_degree("--usp-ulysses-degree", u, "no all-to-all")
+    _check_degree("--usp-ring-degree", r, "no ring")
+    return u > 1 or r > 1
 
 
 def apply_usp_args(args: argparse.Namespace) -> argparse.Namespace:
