@@ -1,6 +1,7 @@
 """usp_megatron: Unified Sequence Parallelism (Ulysses x Ring attention) for Megatron-core."""
 
 from usp_megatron.attention import LongContextAttention
+from usp_megatron.degrees import choose_degrees
 from usp_megatron.groups import USPGroups, init_usp_groups, usp_groups_from
 from usp_megatron.kernels import BACKENDS, get_kernel
 from usp_megatron.layout import RING_IMPLS, local_positions
@@ -13,6 +14,7 @@ __all__ = [
     "LongContextAttention",
     "RING_IMPLS",
     "USPGroups",
+    "choose_degrees",
     "gather_sequence",
     "get_kernel",
     "init_usp_groups",
