@@ -1,6 +1,7 @@
 """usp_megatron: Unified Sequence Parallelism (Ulysses x Ring attention) for Megatron-core."""
 
 from usp_megatron.attention import LongContextAttention
+from usp_megatron.degrees import choose_degrees
 from usp_megatron.groups import USPGroups, init_usp_groups, usp_groups_from
 from usp_megatron.kernels import BACKENDS, get_kernel
 from usp_megatron.layout import RING_IMPLS, SequenceLayout, get_layout, local_positions
@@ -14,6 +15,7 @@ __all__ = [
     "RING_IMPLS",
     "SequenceLayout",
     "USPGroups",
+    "choose_degrees",
     "gather_sequence",
     "get_kernel",
     "get_layout",

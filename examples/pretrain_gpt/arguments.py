@@ -37,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     parallel = parser.add_argument_group("parallelism")
     parallel.add_argument("--tensor-model-parallel-size", type=int, default=1)
     parallel.add_argument(
-        "--context-parallel-size", type=int, default=1, help="set by the --usp-* degrees"
+        "--context-parallel-size",
+        type=int,
+        default=1,
+        help="set by the --usp-* degrees; with --usp-ulysses-degree auto, the size split into "
+        "U x R",
     )
     parallel.add_argument("--use-distributed-optimizer", action="store_true")
     add_usp_args(parser)

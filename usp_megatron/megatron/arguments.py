@@ -2,15 +2,19 @@
 
 ``add_usp_args`` is an ``extra_args_provider``. ``apply_usp_args`` runs before Megatron's own
 ``validate_args`` (it sets ``context_parallel_size = U * R`` and the hierarchical sizes
-``[U, R]`` so Megatron builds the groups and checks the sequence length);
+``[U, R]`` so Megatron builds the groups and checks the sequence length; with
+``--usp-ulysses-degree auto`` it first chooses ``U x R`` for ``--context-parallel-size``);
 ``validate_usp_args`` runs after it, when derived values such as ``seq_length`` are final.
-USP is on when ``U * R > 1``; otherwise both leave the arguments alone.
+USP is on when either degree is above 1; otherwise both leave the arguments alone. A degree
+below 1 is an error, never a way to turn USP off.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
+from usp_megatron.degrees import CostModel, degree_costs, pick
 from usp_megatron.kernels import BACKENDS
 from usp_megatron.layout import RING_IMPLS, check_seq_len
 from usp_megatron.megatron.validation import (
@@ -18,25 +22,45 @@ from usp_megatron.megatron.validation import (
     check_context_parallel,
     check_heads,
     check_position_embedding,
+    heads_per_tp_rank,
 )
+
+AUTO = "auto"
+
+
+def _ulysses_degree(value: str) -> int | str:
+    """``--usp-ulysses-degree``: an integer, or ``auto``."""
+    if value == AUTO:
+        return AUTO
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer >= 1 or 'auto', got {value!r}"
+        ) from None
 
 
 def add_usp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``--usp-ulysses-degree``, ``--usp-ring-degree``, ``--usp-ring-impl``,
-    ``--usp-attn-backend``; returns the parser (the ``extra_args_provider`` contract)."""
+    ``--usp-attn-backend``, ``--usp-gpus-per-node``; returns the parser (the
+    ``extra_args_provider`` contract)."""
     group = parser.add_argument_group(title="usp (unified sequence parallelism)")
     group.add_argument(
         "--usp-ulysses-degree",
-        type=int,
+        type=_ulysses_degree,
         default=1,
         help="Ranks that exchange heads for sequence by all-to-all (DeepSpeed-Ulysses); "
-        "inside a node. Context-parallel size becomes ulysses x ring degree.",
+        "inside a node. Context-parallel size becomes ulysses x ring degree. 'auto' with "
+        "--context-parallel-size N: U x R = N chosen by usp_megatron.choose_degrees (the "
+        "largest U that keeps the all-to-all in a node and U <= heads per TP rank, unless "
+        "its cost model says otherwise).",
     )
     group.add_argument(
         "--usp-ring-degree",
         type=int,
-        default=1,
-        help="Ranks that pass key/value blocks around a ring (Ring attention).",
+        default=None,
+        help="Ranks that pass key/value blocks around a ring (Ring attention). Default 1; "
+        "with --usp-ulysses-degree auto, N / U (if given, it must agree).",
     )
     group.add_argument(
         "--usp-ring-impl",
@@ -51,15 +75,129 @@ def add_usp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default="auto",
         help="Local attention kernel; auto picks the fastest present (reference on CPU).",
     )
+    group.add_argument(
+        "--usp-gpus-per-node",
+        type=int,
+        default=None,
+        help="GPUs of one node, for --usp-ulysses-degree auto (default: LOCAL_WORLD_SIZE, "
+        "which torchrun sets).",
+    )
     return parser
 
 
+def _check_degree(flag: str, value: object, meaning_of_one: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{flag} must be an integer >= 1 (1: {meaning_of_one}), got {value!r}")
+
+
+def _degrees(args: argparse.Namespace) -> tuple[int | str, int | None]:
+    """The two flags, checked: ``U`` may still be ``auto``, ``R`` ``None`` (not given)."""
+    u = getattr(args, "usp_ulysses_degree", 1)
+    r = getattr(args, "usp_ring_degree", 1)
+    if u != AUTO:
+        _check_degree("--usp-ulysses-degree", u, "no all-to-all")
+    if r is not None:
+        _check_degree("--usp-ring-degree", r, "no ring")
+    return u, r
+
+
 def usp_enabled(args: argparse.Namespace) -> bool:
-    return getattr(args, "usp_ulysses_degree", 1) * getattr(args, "usp_ring_degree", 1) > 1
+    """Whether the flags ask for USP; refuses degrees below 1 rather than reading them as off
+    (a product test would turn ``U = 0, R = 4`` into plain data parallelism)."""
+    u, r = _degrees(args)
+    if u == AUTO:
+        return getattr(args, "context_parallel_size", 1) > 1 or (r or 1) > 1
+    return u > 1 or (r or 1) > 1
+
+
+def _gpus_per_node(args: argparse.Namespace) -> int:
+    flag = getattr(args, "usp_gpus_per_node", None)
+    if flag is not None:
+        _check_degree("--usp-gpus-per-node", flag, "one GPU per node")
+        return flag
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    if local is None or not local.isdigit() or int(local) < 1:
+        raise ValueError(
+            "--usp-ulysses-degree auto needs the GPUs per node (the all-to-all must stay inside "
+            f"one): pass --usp-gpus-per-node, or launch with torchrun (LOCAL_WORLD_SIZE={local!r})"
+        )
+    return int(local)
+
+
+def _kv_heads(args: argparse.Namespace) -> int:
+    """Key/value heads of the model: ``--num-query-groups`` where GQA is on (Megatron-LM
+    reads it only with ``--group-query-attention``), else one per query head."""
+    groups = getattr(args, "num_query_groups", None)
+    if getattr(args, "group_query_attention", True) and groups:
+        return groups
+    return args.num_attention_heads
+
+
+def _choose_auto(args: argparse.Namespace) -> None:
+    """Replace ``auto`` by the chosen ``U`` and ``R``; rank 0 says what and why."""
+    cp, given_ring = getattr(args, "context_parallel_size", 1), args.usp_ring_degree
+    _check_degree("--context-parallel-size", cp, "no context parallelism")
+    if cp == 1:
+        if (given_ring or 1) > 1:
+            raise ValueError(
+                f"--usp-ulysses-degree auto chooses U x R for --context-parallel-size N; got "
+                f"--usp-ring-degree {given_ring} without it: add --context-parallel-size N or "
+                "give --usp-ulysses-degree explicitly"
+            )
+        args.usp_ulysses_degree, args.usp_ring_degree = 1, 1
+        _log(args, "USP: --usp-ulysses-degree auto with context-parallel size 1: USP is off")
+        return
+    tp = getattr(args, "tensor_model_parallel_size", 1)
+    heads = heads_per_tp_rank(args.num_attention_heads, tp)
+    kv_heads = _kv_heads(args)
+    if kv_heads % tp:
+        raise ValueError(
+            f"key/value heads (--num-query-groups) {kv_heads} must be divisible by the "
+            f"tensor-parallel size {tp}"
+        )
+    gpus = _gpus_per_node(args)
+    # Megatron orders ranks TP first, then CP: a ulysses group spans U * TP consecutive GPUs.
+    cp_per_node = gpus // tp if gpus % tp == 0 else 1
+    seq_len = getattr(args, "seq_length", None)
+    model = CostModel()
+    costs = degree_costs(cp, heads, kv_heads // tp, cp_per_node, seq_len, model)
+    chosen = pick(costs, model)
+    why = (
+        f"U divides {cp} and the {cp_per_node} context-parallel ranks of a node ({gpus} per node "
+        f"/ TP {tp}), U <= {heads} heads per TP rank ({kv_heads // tp} key/value)"
+    )
+    if given_ring is not None and given_ring != chosen.ring:
+        raise ValueError(
+            f"--usp-ring-degree {given_ring} disagrees with --usp-ulysses-degree auto, which "
+            f"chose U={chosen.ulysses} x R={chosen.ring} for --context-parallel-size {cp} "
+            f"({why}): drop --usp-ring-degree, or give both degrees explicitly"
+        )
+    fastest = min(cost.total_s for cost in costs)
+    ranked = ", ".join(f"U{c.ulysses}xR{c.ring} {c.total_s / fastest:.2f}" for c in costs)
+    basis = f"at {seq_len} tokens" if seq_len else "without a sequence length (head balance only)"
+    _log(
+        args,
+        f"USP: --usp-ulysses-degree auto chose U{chosen.ulysses} x R{chosen.ring} for "
+        f"context-parallel size {cp}. Candidates ({why}), modelled time vs the fastest "
+        f"{basis}: {ranked}; the largest U within {model.preference_margin:.0%} of the fastest "
+        "wins (docs/choosing_degrees.md)",
+    )
+    args.usp_ulysses_degree, args.usp_ring_degree = chosen.ulysses, chosen.ring
+
+
+def _log(args: argparse.Namespace, line: str) -> None:
+    rank = getattr(args, "rank", None)
+    if (rank if rank is not None else int(os.environ.get("RANK", "0"))) == 0:
+        print(line, flush=True)
 
 
 def apply_usp_args(args: argparse.Namespace) -> argparse.Namespace:
     """Turn the USP degrees into Megatron's context-parallel settings (before validate_args)."""
+    u, r = _degrees(args)
+    if u == AUTO:
+        _choose_auto(args)
+    elif r is None:
+        args.usp_ring_degree = 1
     if not usp_enabled(args):
         return args
     u, r = args.usp_ulysses_degree, args.usp_ring_degree
@@ -76,9 +214,11 @@ def apply_usp_args(args: argparse.Namespace) -> argparse.Namespace:
 
 def validate_usp_args(args: argparse.Namespace) -> argparse.Namespace:
     """Refuse combinations USP cannot run, naming the flag to change (after validate_args)."""
+    if _degrees(args)[0] == AUTO:
+        raise ValueError("--usp-ulysses-degree auto is resolved by apply_usp_args: run it first")
     if not usp_enabled(args):
         return args
-    u, r, impl = args.usp_ulysses_degree, args.usp_ring_degree, args.usp_ring_impl
+    u, r, impl = args.usp_ulysses_degree, args.usp_ring_degree or 1, args.usp_ring_impl
     check_context_parallel(
         u, r, args.context_parallel_size, getattr(args, "hierarchical_context_parallel_sizes", None)
     )

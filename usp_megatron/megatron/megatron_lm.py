@@ -14,7 +14,7 @@ running the script). It replaces, each in the one place Megatron-LM looks it up:
 - the ``RotaryEmbedding`` that ``GPTModel`` builds (the RoPE slice of stripe and basic).
 
 Every hook reads the flags from Megatron-LM's own ``get_args()`` when it runs, and is a
-no-op unless ``--usp-ulysses-degree * --usp-ring-degree > 1``.
+no-op unless ``--usp-ulysses-degree`` or ``--usp-ring-degree`` is above 1.
 """
 
 from __future__ import annotations
