@@ -25,12 +25,18 @@ def test_loss_parity_default_command(tmp_path):
     assert "loss parity ok" in done.stdout
     report = json.loads(out.with_suffix(".json").read_text())
     runs = report["runs"]
-    assert report["rtol"] == 1e-6 and len(runs) == 14
+    assert report["rtol"] == 1e-6 and len(runs) == 14 + 3 + 1
     for name, run in runs.items():
         assert len(run["loss"]) == 6 and run["ok"], name
         assert max(run["max_rel_loss"], run["max_rel_grad_norm"]) <= 1e-6, name
         assert run["loss"][-1] < run["loss"][0] - 0.5, f"{name} did not train"
     assert out.with_suffix(".png").stat().st_size > 10_000
+    # Negative control: a sliding window that were ignored (the same model and data with
+    # full attention) would be off by far more than the tolerance, for both window models.
+    full = runs["mha/U4R1-zigzag"]["baseline_loss"]
+    for windowed in ("swa/U4R1-zigzag", "swa-alt/U2R2-zigzag"):
+        ignored = max(abs(a - b) / b for a, b in zip(full, runs[windowed]["baseline_loss"]))
+        assert ignored > 1e-3, f"{windowed}: the window barely changes the loss ({ignored})"
 
 
 def _pretrain(tmp_path: Path, history: str, *flags: str) -> list[dict]:

@@ -28,6 +28,21 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--attention-dropout", type=float, default=0.0)
     model.add_argument("--hidden-dropout", type=float, default=0.0)
     model.add_argument(
+        "--window-size",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("LEFT", "RIGHT"),
+        help="sliding-window attention: token i sees tokens i-LEFT .. i+RIGHT (-1: unbounded; "
+        "causal models use RIGHT 0)",
+    )
+    model.add_argument(
+        "--window-attn-skip-freq",
+        type=int,
+        default=None,
+        help="every N-th layer attends globally, the others in the window (Megatron's rule)",
+    )
+    model.add_argument(
         "--megatron-attention",
         action="store_true",
         help="Megatron's own DotProductAttention instead of USP's (context-parallel size 1 "

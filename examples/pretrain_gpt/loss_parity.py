@@ -29,7 +29,16 @@ from usp_megatron.testing import run_distributed
 DEFAULT_CONFIGS = (
     "U4R1-zigzag,U2R2-basic,U2R2-zigzag,U2R2-stripe,U1R4-zigzag,U1R4-stripe,TP2-U2R1-zigzag"
 )
-MODELS = {"mha": [], "gqa": ["--num-query-groups", "2"]}
+MODELS = {
+    "mha": [],
+    "gqa": ["--num-query-groups", "2"],
+    "swa": ["--window-size", "8", "0"],  # every layer in a window of 8 of the 64 tokens
+    "swa-alt": ["--window-size", "8", "0", "--window-attn-skip-freq", "2"],  # local, global
+}
+#: Models checked on fewer layouts (one per U x R) to keep the default run CI-sized, and
+#: whose DP baseline runs USP's attention at context-parallel size 1 (Megatron's own
+#: sliding-window mask is built on a CUDA device).
+SHORT_MODELS = {"swa": "U4R1-zigzag,U2R2-stripe,U1R4-basic", "swa-alt": "U2R2-zigzag"}
 # Small enough for CI on 2 cores (the driver's own defaults are the CPU demo). SGD, because
 # Adam's first steps move every weight by about +-lr whatever its gradient's size, so a
 # gradient entry that is pure float32 rounding noise (it cancels to ~0) gets a full step
@@ -77,10 +86,10 @@ def moving_average(values: list[float], window: int) -> list[float]:
 
 
 def compare(
-    histories: dict[str, list[dict]], models: list[str], configs: list[str], smooth: int = 1
+    histories: dict[str, list[dict]], runs_of: dict[str, list[str]], smooth: int = 1
 ) -> dict:
     report = {}
-    for model in models:
+    for model, configs in runs_of.items():
         base = histories[f"{model}/DP"]
         for config in configs:
             run = histories[f"{model}/{config}"]
@@ -129,7 +138,9 @@ def main() -> int:
     )
     parser.add_argument("--world-size", type=int, default=4)
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated")
-    parser.add_argument("--models", default="mha,gqa", help=f"comma-separated of {list(MODELS)}")
+    parser.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma-separated of {list(MODELS)}"
+    )
     parser.add_argument("--rtol", type=float, default=1e-6)
     parser.add_argument(
         "--smooth", type=int, default=1, help="compare trailing means over this many steps"
@@ -150,21 +161,27 @@ def main() -> int:
         if model not in MODELS:
             raise ValueError(f"model {model!r} is not one of {list(MODELS)}")
     common = QUICK + ["--data-cache-path", "runs/data"] + opts.driver_args
-    runs = [
-        (
-            f"{model}/{config}",
-            common + MODELS[model] + config_flags(config, opts.baseline_attention),
+    runs_of = {
+        model: (
+            [c for c in SHORT_MODELS[model].split(",") if c]
+            if model in SHORT_MODELS and opts.configs == DEFAULT_CONFIGS
+            else configs
         )
         for model in models
-        for config in ["DP", *configs]
-    ]
+    }
+    runs = []
+    for model, model_configs in runs_of.items():
+        baseline = "usp" if model in SHORT_MODELS else opts.baseline_attention
+        for config in ["DP", *model_configs]:
+            flags = common + MODELS[model] + config_flags(config, baseline)
+            runs.append((f"{model}/{config}", flags))
     for _, argv in runs:
         parse_args(argv)  # bad flags fail here, before any process starts
     cuda = use_cuda(parse_args(common))
     histories = run_distributed(
         opts.world_size, run_world, runs, backend="nccl" if cuda else "gloo", timeout_s=3600
     )[0]
-    report = compare(histories, models, configs, opts.smooth)
+    report = compare(histories, runs_of, opts.smooth)
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     failed = []

@@ -96,6 +96,8 @@ def build_model(args: argparse.Namespace) -> tuple[TransformerConfig, torch.nn.M
         ffn_hidden_size=args.ffn_hidden_size,
         num_attention_heads=args.num_attention_heads,
         num_query_groups=args.num_query_groups,
+        window_size=tuple(args.window_size) if args.window_size else None,
+        window_attn_skip_freq=args.window_attn_skip_freq,
         normalization=args.normalization,
         attention_dropout=args.attention_dropout,
         hidden_dropout=args.hidden_dropout,

@@ -21,6 +21,7 @@ import torch
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.core.utils import get_pg_size
 
 from usp_megatron.attention import LongContextAttention
@@ -84,6 +85,11 @@ class USPAttention(MegatronModule):
             softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         )
         self.attention = LongContextAttention(self.groups, ring_impl=ring_impl, backend=backend)
+        # Local and global layers alternate by Megatron's own rule (window_attn_skip_freq).
+        windowed = is_layer_window_attention(
+            config.window_size, config.window_attn_skip_freq, max(1, layer_number)
+        )
+        self.window_size = tuple(config.window_size) if windowed else None
         self.positions_confirmed = (
             rope_sliced_for_layout
             or layout_type(ring_impl).megatron_split
@@ -132,6 +138,9 @@ class USPAttention(MegatronModule):
             self.attn_mask_type if attn_mask_type is None else attn_mask_type
         )
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, heads, hn]
-        out = self.attention(q, k, v, causal=_CAUSAL[mask_type], softmax_scale=self.softmax_scale)
+        out = self.attention(
+            q, k, v, causal=_CAUSAL[mask_type], softmax_scale=self.softmax_scale,
+            window_size=self.window_size,
+        )
         sq, b = query.shape[0], query.shape[1]
         return out.transpose(0, 1).reshape(sq, b, -1)

@@ -6,7 +6,7 @@ Megatron-LM flag validation, so every entry point refuses the same things in the
 
 from __future__ import annotations
 
-from usp_megatron.layout import check_degrees, layout_type
+from usp_megatron.layout import check_degrees, check_window, layout_type
 
 
 def heads_per_tp_rank(num_attention_heads: int, tensor_parallel_size: int) -> int:
@@ -58,7 +58,7 @@ def check_attention_options(
     softmax_type: str = "vanilla",
     window_size: object = None,
 ) -> None:
-    """Attention features the USP kernels do not have."""
+    """Attention features the USP kernels do not have, and a well-formed sliding window."""
     if multi_latent_attention:
         raise ValueError(
             "multi-latent attention (--multi-latent-attention) does not compose with USP: its "
@@ -73,10 +73,13 @@ def check_attention_options(
         raise ValueError(
             f"USP attention supports softmax_type='vanilla' only, got {softmax_type!r}"
         )
-    if window_size is not None:
+    try:
+        check_window(None if window_size is None else tuple(window_size))
+    except (TypeError, ValueError):
         raise ValueError(
-            f"USP attention has no sliding window; window_size must be None, got {window_size}"
-        )
+            f"window_size (--window-size) must be (left, right) with integers >= -1 "
+            f"(-1: unbounded), got {window_size!r}"
+        ) from None
 
 
 def check_position_embedding(position_embedding_type: str, ring_impl: str) -> None:
