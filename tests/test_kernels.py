@@ -5,7 +5,7 @@ import torch
 from oracle import attention_float64, rel_error
 
 from usp_megatron.kernels import BACKENDS, available_backends, get_kernel
-from usp_megatron.mask import CAUSAL, FULL
+from usp_megatron.mask import CAUSAL, FULL, BlockMask
 
 HEADS = [(4, 4), (4, 2), (4, 1)]
 
@@ -71,10 +71,14 @@ def test_backend_errors():
         get_kernel("torch_cudnn", "cpu", torch.bfloat16)
 
 
-def test_causal_block_must_be_square():
-    x = torch.randn(1, 4, 2, 8)
-    with pytest.raises(ValueError, match="causal blocks must be square"):
-        get_kernel("reference", "cpu", torch.float32).forward(x, x[:, :3], x[:, :3], CAUSAL, 1.0)
+def test_block_rows_must_see_a_key():
+    """A mask is a band from the top-left corner; one that leaves a row or the last key
+    empty is refused (the layout trims blocks so it never hands one out)."""
+    x = torch.randn(1, 8, 2, 8)
+    with pytest.raises(ValueError, match="rows that see no key"):
+        get_kernel("reference", "cpu", torch.float32).forward(
+            x[:, :4], x, x, BlockMask(-1, 1), 1.0
+        )
 
 
 GPU_BACKENDS = [b for b in BACKENDS if b not in ("auto", "reference")]
@@ -91,3 +95,63 @@ def test_gpu_kernels_bf16(layout, backend, hq, hkv, causal):
     kernel = get_kernel(backend, "cuda", torch.bfloat16)
     _check_kernel(kernel, "cuda", torch.bfloat16, hq, hkv, causal, 1e-2, sq=256, sk=256, d=128,
                   layout=layout)
+
+
+# Trimmed blocks (every row sees a key, every key is seen), as the layout hands them out.
+BANDS = [(BlockMask(-5, 0), 48, 48), (BlockMask(-3, 10), 40, 48), (BlockMask(None, 4), 48, 44),
+         (BlockMask(-7, None), 44, 48), (BlockMask(None, 0), 48, 40)]  # fmt: skip
+
+
+def _check_band(kernel, device, dtype, mask, sq, sk, tol, d=32):
+    """A banded block (a sliding window's piece) against float64 masked attention."""
+    gen = torch.Generator().manual_seed(sq * 7 + sk)
+    q = torch.randn(2, sq, 4, d, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, sk, 2, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    dout = torch.randn(2, sq, 4, d, generator=gen, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    kr, vr = (t.repeat_interleave(2, dim=2) for t in leaves[1:])
+    scores = torch.einsum("bqhd,bkhd->bhqk", leaves[0], kr) * 0.3
+    scores = scores.masked_fill(~mask.visible(sq, sk), float("-inf"))
+    ref = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), vr)
+    ref.backward(dout)
+    to = dict(device=device, dtype=dtype)
+    qd, kd, vd, doutd = (t.to(**to) for t in (q, k, v, dout))
+    out, lse = kernel.forward(qd, kd, vd, mask, 0.3)
+    dq, dk, dv = kernel.backward(doutd, qd, kd, vd, out, lse, mask, 0.3)
+    errors = {"out": rel_error(out, ref), "lse": rel_error(lse, scores.logsumexp(-1)),
+              "dq": rel_error(dq, leaves[0].grad), "dk": rel_error(dk, leaves[1].grad),
+              "dv": rel_error(dv, leaves[2].grad)}  # fmt: skip
+    assert max(errors.values()) < tol, errors
+
+
+@pytest.mark.parametrize("mask,sq,sk", BANDS)
+def test_reference_kernel_bands(mask, sq, sk):
+    _check_band(get_kernel("reference", "cpu", torch.float32), "cpu", torch.float32, mask,
+                sq, sk, 1e-5)  # fmt: skip
+
+
+def test_windows_need_a_kernel_that_takes_them():
+    assert get_kernel("auto", "cpu", torch.float32, windows=True).name == "reference"
+    assert BlockMask(-5, 0).flash_window(48, 48) == (5, 0)
+    assert BlockMask(-3, 10).flash_window(40, 48) == (11, 2)
+    assert BlockMask(None, 0).flash_window(48, 40) == (-1, 8)
+    with pytest.raises(ValueError, match="rows that see no key"):
+        BlockMask(-3, 2).flash_window(40, 48)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mask,sq,sk", BANDS)
+@pytest.mark.parametrize("backend", ["torch_flash", "flash_attn"])
+def test_gpu_kernel_bands_bf16(backend, mask, sq, sk):
+    if backend not in available_backends("cuda", torch.bfloat16):
+        pytest.skip(f"{backend} is not available on this machine")
+    kernel = get_kernel(backend, "cuda", torch.bfloat16, windows=True)
+    _check_band(kernel, "cuda", torch.bfloat16, mask, sq, sk, 1e-2, d=64)
+
+
+@pytest.mark.gpu
+def test_gpu_windows_pick_flash_and_refuse_cudnn():
+    assert get_kernel("torch", "cuda", torch.bfloat16, windows=True).name == "torch_flash"
+    assert get_kernel("auto", "cuda", torch.bfloat16).name == "torch_cudnn"
+    with pytest.raises(ValueError, match="no sliding-window kernel"):
+        get_kernel("torch_cudnn", "cuda", torch.bfloat16, windows=True)

@@ -6,11 +6,13 @@ A kernel computes attention of one local block: ``q: [b, sq, hq, d]``,
 float64 for float64 inputs). The backward takes the *final* output and log-sum-exp of
 the whole ring (not the block's), which makes its block gradients exact contributions.
 
-Which query rows see which key rows is a ``mask.BlockMask`` decided by the layout. A
-causal mask needs ``sq == sk``: the diagonal is then unambiguous. (With ``sq != sk``
-PyTorch's flash aligns the mask bottom-right and cuDNN top-left; the ring code never
-relies on either.) Inputs are checked once where they enter (``LongContextAttention``),
-not per block: the fast kernels run many blocks per call, and host time counts.
+Which query rows see which key rows is a ``mask.BlockMask`` decided by the layout: a band
+of diagonals counted from the top-left corner, trimmed so that no row is empty. (With
+``sq != sk`` the ops' own ``is_causal`` flags differ: PyTorch's flash aligns the mask
+bottom-right, cuDNN top-left; the kernels use them only for square blocks.)
+
+Inputs are checked once where they enter (``LongContextAttention``), not per block: the
+fast kernels run many blocks per call, and host time counts.
 """
 
 from __future__ import annotations
@@ -72,10 +74,7 @@ def check_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMa
         raise ValueError(
             f"query heads {q.shape[2]} must be a multiple of key/value heads {k.shape[2]}"
         )
-    if mask.is_causal and q.shape[1] != k.shape[1]:
-        raise ValueError(
-            f"causal blocks must be square, got sq={q.shape[1]} and sk={k.shape[1]}"
-        )
+    mask.flash_window(q.shape[1], k.shape[1])  # every row must see a key
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if q.device != k.device or q.device != v.device:
