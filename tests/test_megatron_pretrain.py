@@ -32,11 +32,11 @@ def test_loss_parity_default_command(tmp_path):
         assert run["loss"][-1] < run["loss"][0] - 0.5, f"{name} did not train"
     assert out.with_suffix(".png").stat().st_size > 10_000
     # Negative control: a sliding window that were ignored (the same model and data with
-    # full attention) would be off by far more than the tolerance, for both window models.
+    # full attention) would be off by far more than the tolerance (6e-4 against 1e-6).
     full = runs["mha/U4R1-zigzag"]["baseline_loss"]
     for windowed in ("swa/U4R1-zigzag", "swa-alt/U2R2-zigzag"):
         ignored = max(abs(a - b) / b for a, b in zip(full, runs[windowed]["baseline_loss"]))
-        assert ignored > 1e-3, f"{windowed}: the window barely changes the loss ({ignored})"
+        assert ignored > 100 * report["rtol"], f"{windowed}: window ignored unnoticed ({ignored})"
 
 
 def _pretrain(tmp_path: Path, history: str, *flags: str) -> list[dict]:
