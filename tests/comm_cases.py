@@ -6,14 +6,18 @@ import torch
 import torch.distributed as dist
 
 from usp_megatron import init_usp_groups, shard_sequence
-from usp_megatron.comm import heads_to_seq_start, seq_to_heads_start, split_heads
+from usp_megatron.comm import all_to_all, heads_to_seq_start, seq_to_heads_start, split_heads
 from usp_megatron.layout import RING_IMPLS, get_layout, ring_block_positions
 
 
-def all_to_all_round_trip(dtype_name: str, head_dim: int) -> list[str]:
+def all_to_all_round_trip(
+    dtype_name: str, head_dim: int, point_to_point: bool = False
+) -> list[str]:
     """For every factorisation and impl: two tensors (8 and 4 heads) go sequence -> heads
     and must equal the ring block's rows of this rank's heads; then heads -> sequence
-    (packed, and one sequence-major tensor sent as it is) must give the shards back."""
+    (packed, and one sequence-major tensor sent as it is) must give the shards back.
+    ``point_to_point``: gloo's pieces travel as sends and receives (torch before 2.13)."""
+    all_to_all.GLOO_HAS_LIST_ALL_TO_ALL = not point_to_point
     world, dtype = dist.get_world_size(), getattr(torch, dtype_name)
     problems = []
     for ulysses in (u for u in range(2, world + 1) if world % u == 0):

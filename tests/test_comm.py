@@ -8,10 +8,14 @@ from usp_megatron.tensors import _as_words, copy_words_
 from usp_megatron.testing import run_distributed
 
 
-@pytest.mark.parametrize("dtype_name,head_dim", [("bfloat16", 8), ("float32", 3)])
-def test_all_to_all_round_trip(dtype_name, head_dim):
-    """bf16 with d=8 moves 8-byte words; float32 with d=3 (12 bytes) cannot and falls back."""
-    problems = run_distributed(4, all_to_all_round_trip, dtype_name, head_dim)
+@pytest.mark.parametrize(
+    "dtype_name,head_dim,point_to_point",
+    [("bfloat16", 8, False), ("float32", 3, False), ("bfloat16", 8, True)],
+)
+def test_all_to_all_round_trip(dtype_name, head_dim, point_to_point):
+    """bf16 with d=8 moves 8-byte words; float32 with d=3 (12 bytes) cannot and falls back;
+    the point-to-point path is what gloo uses before torch 2.13."""
+    problems = run_distributed(4, all_to_all_round_trip, dtype_name, head_dim, point_to_point)
     assert problems == [[] for _ in range(4)], problems
 
 
