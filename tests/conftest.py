@@ -5,6 +5,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+# attnbench.configs (standard library only): the U x R parser the benchmarks use too.
+sys.path.insert(1, str(Path(__file__).parents[1] / "benchmarks"))
 
 
 def pytest_configure(config):

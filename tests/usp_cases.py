@@ -11,14 +11,11 @@ import itertools
 
 import torch
 import torch.distributed as dist
+from attnbench.configs import factorizations
 from oracle import attention_float64, rel_error
 
 from usp_megatron import LongContextAttention, init_usp_groups, shard_sequence
 from usp_megatron.layout import RING_IMPLS
-
-
-def factorizations(world_size: int) -> list[tuple[int, int]]:
-    return [(u, world_size // u) for u in range(1, world_size + 1) if world_size % u == 0]
 
 
 def head_configs(ulysses: int) -> list[tuple[int, int, int]]:
