@@ -60,6 +60,41 @@ def run_case(
     }
 
 
+def windows_for(seq_len: int) -> list[tuple[int, int]]:
+    """Smaller than a chunk, spanning several chunks, larger than the sequence."""
+    return [(2, 0), (seq_len // 3, 1), (2 * seq_len, 2 * seq_len)]
+
+
+def dense_cases(ulysses: int, seq_len: int):
+    """impl x causal x every head configuration, full attention."""
+    return itertools.product(RING_IMPLS, (True, False), head_configs(ulysses), [None])
+
+
+def window_cases(ulysses: int, seq_len: int):
+    """impl x causal x sliding windows, GQA."""
+    return itertools.product(RING_IMPLS, (True, False), [(8, 2, 1)], windows_for(seq_len))
+
+
+def _sweep(cases_of, device_kind, dtype_name, backend, seq_per_rank, head_dim):
+    """Every (U, R) factorisation of the world x ``cases_of(U, seq_len)``."""
+    device = torch.device("cpu")
+    if device_kind == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = getattr(torch, dtype_name)
+    seq_len = seq_per_rank * dist.get_world_size()
+    results = []
+    for ulysses, ring in factorizations(dist.get_world_size()):
+        groups = init_usp_groups(ulysses, ring)
+        for impl, causal, heads, window in cases_of(ulysses, seq_len):
+            errors = run_case(
+                groups, impl, causal, heads, device, dtype, backend, seq_per_rank, head_dim,
+                window,
+            )
+            case = f"U{ulysses}xR{ring} {impl} causal={causal} (hq, hkv, chunks)={heads}"
+            results.append((f"{case} window={window} {backend}", errors))
+    return results
+
+
 def run_all_cases(
     device_kind: str = "cpu",
     dtype_name: str = "float32",
@@ -68,27 +103,7 @@ def run_all_cases(
     head_dim: int = 16,
 ):
     """Every (U, R) factorisation x impl x causal x heads; returns [(case, errors)]."""
-    device = torch.device("cpu")
-    if device_kind == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
-    dtype = getattr(torch, dtype_name)
-    results = []
-    for ulysses, ring in factorizations(dist.get_world_size()):
-        groups = init_usp_groups(ulysses, ring)
-        for impl, causal, heads in itertools.product(
-            RING_IMPLS, (True, False), head_configs(ulysses)
-        ):
-            errors = run_case(
-                groups, impl, causal, heads, device, dtype, backend, seq_per_rank, head_dim
-            )
-            case = f"U{ulysses}xR{ring} {impl} causal={causal} (hq, hkv, chunks)={heads} {backend}"
-            results.append((case, errors))
-    return results
-
-
-def windows_for(seq_len: int) -> list[tuple[int, int]]:
-    """Smaller than a chunk, spanning several chunks, larger than the sequence."""
-    return [(2, 0), (seq_len // 3, 1), (2 * seq_len, 2 * seq_len)]
+    return _sweep(dense_cases, device_kind, dtype_name, backend, seq_per_rank, head_dim)
 
 
 def run_window_cases(
@@ -99,22 +114,4 @@ def run_window_cases(
     head_dim: int = 16,
 ):
     """Sliding windows: every (U, R) x impl x causal x window, GQA; returns [(case, errors)]."""
-    device = torch.device("cpu")
-    if device_kind == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
-    dtype = getattr(torch, dtype_name)
-    results = []
-    seq_len = seq_per_rank * dist.get_world_size()
-    for ulysses, ring in factorizations(dist.get_world_size()):
-        groups = init_usp_groups(ulysses, ring)
-        for impl, causal, window in itertools.product(
-            RING_IMPLS, (True, False), windows_for(seq_len)
-        ):
-            heads = (8, 2, 1)
-            errors = run_case(
-                groups, impl, causal, heads, device, dtype, backend, seq_per_rank, head_dim,
-                window,
-            )
-            case = f"U{ulysses}xR{ring} {impl} causal={causal} window={window} {backend}"
-            results.append((case, errors))
-    return results
+    return _sweep(window_cases, device_kind, dtype_name, backend, seq_per_rank, head_dim)
