@@ -32,6 +32,34 @@ def head_configs(ulysses: int) -> list[tuple[int, int, int]]:
     return [config for config in configs if config[0] % ulysses == 0]
 
 
+def uneven_head_configs(ulysses: int) -> list[tuple[int, int, int]]:
+    """(hq, hkv, 1) for query heads that U does not divide (uneven split), with every
+    hkv | hq: MHA, MQA and GQA whose groups straddle the ranks' ranges."""
+    return [
+        (hq, hkv, 1)
+        for hq in (3, 5, 6, 7, 9, 10, 12)
+        if ulysses <= hq and hq % ulysses
+        for hkv in range(1, hq + 1)
+        if hq % hkv == 0
+    ]
+
+
+def uneven_cases(ulysses: int, ring: int) -> list[tuple[str, bool, tuple[int, int, int]]]:
+    """(impl, causal, heads) with uneven splits: every impl (the all-to-all's pieces differ
+    by impl), causal or not by turns. Worlds of 8 are slow on 2 cores: there only ``U = 8``
+    (which smaller worlds lack) runs, one impl per head config by turns."""
+    configs = uneven_head_configs(ulysses)
+    if ulysses * ring <= 4:
+        return [
+            (impl, (i + j) % 2 == 0, heads)
+            for i, heads in enumerate(configs)
+            for j, impl in enumerate(RING_IMPLS)
+        ]
+    if ring > 1:
+        return []
+    return [(RING_IMPLS[i % 3], i % 2 == 0, heads) for i, heads in enumerate(configs)]
+
+
 def run_case(groups, impl, causal, heads, device, dtype, backend, seq_per_rank, head_dim):
     hq, hkv, head_chunks = heads
     cp = groups.cp_size
@@ -68,7 +96,8 @@ def run_all_cases(
     seq_per_rank: int = 16,
     head_dim: int = 16,
 ):
-    """Every (U, R) factorisation x impl x causal x heads; returns [(case, errors)]."""
+    """Every (U, R) factorisation x impl x causal x heads (even splits), and every impl for
+    uneven ones; returns [(case, errors)]."""
     device = torch.device("cpu")
     if device_kind == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
@@ -76,12 +105,16 @@ def run_all_cases(
     results = []
     for ulysses, ring in factorizations(dist.get_world_size()):
         groups = init_usp_groups(ulysses, ring)
-        for impl, causal, heads in itertools.product(
-            RING_IMPLS, (True, False), head_configs(ulysses)
-        ):
-            errors = run_case(
-                groups, impl, causal, heads, device, dtype, backend, seq_per_rank, head_dim
+        cases = [
+            (impl, causal, heads, seq_per_rank)
+            for impl, causal, heads in itertools.product(
+                RING_IMPLS, (True, False), head_configs(ulysses)
             )
+        ]
+        # The head split does not depend on the length: the shortest zigzag shard.
+        cases += [(*case, 2) for case in uneven_cases(ulysses, ring)]
+        for impl, causal, heads, seq in cases:
+            errors = run_case(groups, impl, causal, heads, device, dtype, backend, seq, head_dim)
             case = f"U{ulysses}xR{ring} {impl} causal={causal} (hq, hkv, chunks)={heads} {backend}"
             results.append((case, errors))
     return results
