@@ -2,20 +2,47 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.distributed as dist
 
 from usp_megatron import init_usp_groups, shard_sequence
-from usp_megatron.comm import all_to_all, heads_to_seq_start, seq_to_heads_start, split_heads
+from usp_megatron.comm import (
+    HeadRun,
+    all_to_all,
+    heads_to_seq_start,
+    seq_to_heads_start,
+    split_heads,
+)
 from usp_megatron.layout import RING_IMPLS, get_layout, ring_block_positions
+
+
+def _head_splits(ulysses: int) -> dict[str, list[list[HeadRun]]]:
+    """Runs of two tensors: an even split (8 and 4 heads), and an uneven one whose runs
+    differ between the tensors (2U-1 and U+1 heads)."""
+    return {
+        "even": [[HeadRun(ulysses, 8 // ulysses)], [HeadRun(ulysses, 4 // ulysses)]],
+        "uneven": [
+            [HeadRun(ulysses - 1, 2), HeadRun(1, 1)],
+            [HeadRun(ulysses - 1, 1), HeadRun(1, 2)],
+        ],
+    }
+
+
+def _rank_heads(runs: list[HeadRun], rank: int) -> slice:
+    """The heads ``rank`` receives under ``runs``."""
+    per_rank = [run.heads for run in runs for _ in range(run.ranks)]
+    start = sum(per_rank[:rank])
+    return slice(start, start + per_rank[rank])
 
 
 def all_to_all_round_trip(
     dtype_name: str, head_dim: int, point_to_point: bool = False
 ) -> list[str]:
-    """For every factorisation and impl: two tensors (8 and 4 heads) go sequence -> heads
-    and must equal the ring block's rows of this rank's heads; then heads -> sequence
-    (packed, and one sequence-major tensor sent as it is) must give the shards back.
+    """For every factorisation, impl and head split: two tensors go sequence -> heads and
+    must equal the ring block's rows of this rank's heads; then heads -> sequence (packed,
+    and one sequence-major tensor sent as it is) must give the shards back.
     ``point_to_point``: gloo's pieces travel as sends and receives (torch before 2.13)."""
     all_to_all.GLOO_HAS_LIST_ALL_TO_ALL = not point_to_point
     world, dtype = dist.get_world_size(), getattr(torch, dtype_name)
@@ -24,27 +51,26 @@ def all_to_all_round_trip(
         ring = world // ulysses
         groups = init_usp_groups(ulysses, ring)
         u = groups.ulysses_rank
-        for impl in RING_IMPLS:
+        for impl, (split, runs) in itertools.product(RING_IMPLS, _head_splits(ulysses).items()):
             seq_len = 4 * world
             gen = torch.Generator().manual_seed(ulysses * 10 + len(impl))
-            fulls = [torch.randn(2, seq_len, h, head_dim, generator=gen).to(dtype) for h in (8, 4)]
+            heads = [sum(run.ranks * run.heads for run in r) for r in runs]
+            fulls = [torch.randn(2, seq_len, h, head_dim, generator=gen).to(dtype) for h in heads]
             shards = [shard_sequence(x, 1, groups, impl) for x in fulls]
             layout = get_layout(impl, ulysses, ring)
-            views = [split_heads(x, ulysses, 1)[0] for x in shards]
+            views = [split_heads(x, r)[0] for x, r in zip(shards, runs)]
             got = seq_to_heads_start(views, layout, groups.ulysses_group).wait()
             rows = ring_block_positions(seq_len, ulysses, ring, groups.ring_rank, impl)
-            case = f"U{ulysses}R{ring} {impl} {dtype_name} d={head_dim}"
-            for x, g in zip(fulls, got):
-                per = x.shape[2] // ulysses
-                want = x[:, rows, u * per : (u + 1) * per]
-                if not torch.equal(g, want):
+            case = f"U{ulysses}R{ring} {impl} {split} {dtype_name} d={head_dim}"
+            for x, r, g in zip(fulls, runs, got):
+                if not torch.equal(g, x[:, rows, _rank_heads(r, u)]):
                     problems.append(f"{case}: sequence -> heads differs")
             backs = [torch.full_like(x, float("nan")) for x in shards]
-            dests = [split_heads(x, ulysses, 1)[0] for x in backs]
+            dests = [split_heads(x, r)[0] for x, r in zip(backs, runs)]
             heads_to_seq_start(got, dests, layout, groups.ulysses_group).wait()
             dense = got[0].transpose(0, 1).contiguous().transpose(0, 1)  # sent as it is
             single = torch.full_like(shards[0], float("nan"))
-            pending = heads_to_seq_start([dense], [split_heads(single, ulysses, 1)[0]], layout,
+            pending = heads_to_seq_start([dense], [split_heads(single, runs[0])[0]], layout,
                                          groups.ulysses_group)
             pending.wait()
             if pending.sent.data_ptr() != dense.data_ptr():

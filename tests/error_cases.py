@@ -26,8 +26,11 @@ def try_bad_inputs() -> dict[str, str]:
     groups = init_usp_groups(2, 2)
     attn = LongContextAttention(groups, ring_impl="zigzag", backend="reference")
     x = torch.randn(1, 4, 4, 8)
-    messages["heads vs ulysses"] = _raises(
-        lambda: attn(torch.randn(1, 4, 3, 8), torch.randn(1, 4, 3, 8), torch.randn(1, 4, 3, 8))
+    one_head = torch.randn(1, 4, 1, 8)
+    messages["heads vs ulysses"] = _raises(lambda: attn(one_head, one_head, one_head))
+    three_heads = torch.randn(1, 4, 3, 8)
+    messages["uneven head chunks"] = _raises(
+        lambda: LongContextAttention(groups, head_chunks=2)(three_heads, three_heads, three_heads)
     )
     messages["gqa ratio"] = _raises(
         lambda: attn(x, torch.randn(1, 4, 3, 8), torch.randn(1, 4, 3, 8))
@@ -48,4 +51,6 @@ def try_bad_inputs() -> dict[str, str]:
     # After all the refusals the world still works: nothing was left half-way in a collective.
     out = attn(x, x, x)
     messages["still works"] = "ok" if out.shape == x.shape else "bad shape"
+    out = attn(three_heads, three_heads[:, :, :1], three_heads[:, :, :1])
+    messages["uneven heads run"] = "ok" if out.shape == three_heads.shape else "bad shape"
     return messages

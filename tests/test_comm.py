@@ -1,4 +1,5 @@
-"""The all-to-all halves and the word copy, exactly (no arithmetic, so equality)."""
+"""The all-to-all halves (even and uneven head splits) and the word copy, exactly (no
+arithmetic, so equality)."""
 
 import pytest
 import torch

@@ -10,7 +10,9 @@ from usp_megatron.testing import run_distributed
 EXPECTED = {
     "degree product": "2 \\* 3 = 6 must equal the group size 4",
     "zero degree": "ulysses_degree must be a positive integer, got 0",
-    "heads vs ulysses": "query heads 3 must be divisible by ulysses_degree 2",
+    "heads vs ulysses": "ulysses_degree 2 must be between 1 and the query heads 1",
+    "uneven head chunks": "head_chunks=2 needs the query heads 3 to split evenly over "
+    "ulysses_degree 2 \\(they split as \\(2, 1\\)\\); use head_chunks=1",
     "gqa ratio": "query heads 4 must be a multiple of key/value heads 3",
     "zigzag seq len": "sequence length 12 must be a positive multiple of 2 \\* U \\* R = 8",
     "dtype mismatch": "dtypes differ",
@@ -22,6 +24,7 @@ EXPECTED = {
     "head chunks": "head_chunks=3 must divide the query heads per rank 2",
     "zero head chunks": "head_chunks must be a positive integer, got 0",
     "still works": "ok",
+    "uneven heads run": "ok",
 }
 
 

@@ -23,6 +23,7 @@ from usp_megatron.megatron import (
     with_usp_attention,
 )
 from usp_megatron.megatron.arguments import usp_enabled
+from usp_megatron.megatron.core_attention import describe_head_split
 from usp_megatron.megatron.megatron_lm import (
     with_usp_args,
     wrap_core_attention,
@@ -182,7 +183,7 @@ U4R2 = ("--usp-ulysses-degree", "4", "--usp-ring-degree", "2")
     [
         (U4R2, dict(context_parallel_size=4), "--context-parallel-size 4 conflicts"),
         (U4R2, dict(hierarchical_context_parallel_sizes=[2, 4]), "[2, 4] conflicts"),
-        (U4R2, dict(num_attention_heads=12, tensor_model_parallel_size=2), "(12 / TP 2 = 6)"),
+        (U4R2, dict(num_attention_heads=6, tensor_model_parallel_size=2), "(6 / TP 2 = 3)"),
         (U4R2, dict(num_attention_heads=12, tensor_model_parallel_size=8), "divisible by the"),
         (U4R2, dict(num_attention_heads=8, num_query_groups=3), "num_query_groups=3"),
         (U4R2, dict(seq_length=1000), "multiple of 2 * U * R = 16"),
@@ -201,6 +202,16 @@ def test_combinations_usp_cannot_run_are_refused(flags, megatron_args, message):
     with pytest.raises(ValueError) as error:
         validate_usp_args(apply_usp_args(args))
     assert message in str(error.value)
+
+
+def test_heads_that_ulysses_does_not_divide_are_accepted_and_described():
+    """12 heads / TP 2 = 6 over U=4 splits as 2, 2, 1, 1; GQA 4 / TP 2 = 2 key/value heads."""
+    validate_usp_args(apply_usp_args(parse(*U4R2, num_attention_heads=12,
+                                           tensor_model_parallel_size=2)))  # fmt: skip
+    message = describe_head_split(12, 4, 2, 4)
+    assert "6 query / 2 key-value heads per tensor-parallel rank" in message
+    assert "query heads per ulysses rank (2, 2, 1, 1), key/value heads (1, 2, 1, 1)" in message
+    assert message.endswith("imbalance (max / mean heads) 1.33")
 
 
 def test_query_groups_are_read_only_with_group_query_attention():
@@ -286,8 +297,8 @@ def test_validate_args_hook_applies_before_and_checks_after():
     assert wrap_validate_args(hooked) is hooked  # idempotent
     hooked(parse("--usp-ulysses-degree", "2", "--usp-ring-degree", "2"), {})
     assert seen == {"cp": 4, "hcp": [2, 2]}
-    with pytest.raises(ValueError, match="divisible by the ulysses degree"):
-        hooked(parse("--usp-ulysses-degree", "3", num_attention_heads=16))
+    with pytest.raises(ValueError, match="must be at most the attention heads"):
+        hooked(parse("--usp-ulysses-degree", "4", num_attention_heads=2))
 
 
 def test_flags_hook_chains_extra_args_providers_once():

@@ -9,6 +9,8 @@ world of 4 processes runs every case; the tests assert on the returned numbers.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -30,6 +32,10 @@ def _cases() -> list[dict]:
     for impl in ("zigzag", "stripe"):
         for kv in (HEADS, 2):
             cases.append(dict(tp=2, u=2, r=1, impl=impl, kv=kv, fix_rope=True))
+    # Heads that U does not divide (6 over U=4; 6 / TP 2 = 3 over U=2): uneven splits.
+    cases.append(dict(tp=1, u=4, r=1, impl="zigzag", heads=6, kv=6, fix_rope=True))
+    cases.append(dict(tp=1, u=4, r=1, impl="stripe", heads=6, kv=2, fix_rope=True))
+    cases.append(dict(tp=2, u=2, r=1, impl="zigzag", heads=6, kv=2, fix_rope=True))
     cases.append(dict(tp=1, u=2, r=2, impl="zigzag", kv=HEADS, fix_rope=False))
     # Selective recomputation runs the core attention (and its collectives) again in backward.
     cases.append(dict(tp=1, u=2, r=2, impl="stripe", kv=2, fix_rope=True, recompute=True))
@@ -39,8 +45,13 @@ def _cases() -> list[dict]:
     return cases
 
 
+def _heads(case: dict) -> int:
+    return case.get("heads", HEADS)
+
+
 def label(case: dict) -> str:
-    mha = "MHA" if case["kv"] == HEADS else f"GQA{case['kv']}"
+    heads = "" if _heads(case) == HEADS else f"H{_heads(case)}-"
+    mha = heads + ("MHA" if case["kv"] == _heads(case) else f"GQA{case['kv']}")
     rope = "" if case["fix_rope"] else "-megatron-rope"
     recompute = "-recompute" if case.get("recompute") else ""
     return f"TP{case['tp']}xU{case['u']}R{case['r']}-{case['impl']}-{mha}{rope}{recompute}"
@@ -59,7 +70,7 @@ def _init_parallel(tp: int, cp_sizes: list[int] | None) -> None:
     )
 
 
-def _gpt(kv: int, spec, recompute: bool = False):
+def _gpt(heads: int, kv: int, spec, recompute: bool = False):
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -69,9 +80,9 @@ def _gpt(kv: int, spec, recompute: bool = False):
     model_parallel_cuda_manual_seed(7)
     config = TransformerConfig(
         num_layers=2,
-        hidden_size=64,
+        hidden_size=8 * heads,
         ffn_hidden_size=128,
-        num_attention_heads=HEADS,
+        num_attention_heads=heads,
         num_query_groups=kv,
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
         context_parallel_size=ps.get_context_parallel_world_size(),
@@ -120,10 +131,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 class _Reference:
     """The one-rank model's parameters (with gradients), logits and loss on the full batch."""
 
-    def __init__(self, kv: int, batch: dict[str, torch.Tensor]) -> None:
+    def __init__(self, heads: int, kv: int, batch: dict[str, torch.Tensor]) -> None:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-        model = _gpt(kv, get_gpt_layer_local_spec())
+        model = _gpt(heads, kv, get_gpt_layer_local_spec())
         self.logits, self.loss = _forward_backward(model, batch)
         self.params = dict(model.named_parameters())
 
@@ -151,7 +162,7 @@ def _run_case(case: dict, reference: _Reference, batch: dict) -> dict[str, float
 
     impl = case["impl"]
     spec = get_gpt_layer_usp_spec(ring_impl=impl, backend="reference")
-    model = _gpt(case["kv"], spec, case.get("recompute", False))
+    model = _gpt(_heads(case), case["kv"], spec, case.get("recompute", False))
     refused = {}
     if case["fix_rope"]:
         use_usp_rotary_embedding(model, impl)
@@ -193,29 +204,53 @@ def _refused_without_rope_call(model, batch: dict, impl: str) -> float:
     return 0.0
 
 
-def run_model_cases(cases: list[dict]) -> list[tuple[str, dict[str, float]]]:
+class _Messages(logging.Handler):
+    """The messages a logger passes on."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def run_model_cases(cases: list[dict]) -> list[tuple[str, dict[str, float], list[str]]]:
+    """(label, errors, messages the core attention logged while the case ran) per case."""
     from usp_megatron.megatron import install_cpu_shim
 
     install_cpu_shim(force=True)
     batch = _batch()
     _init_parallel(1, None)
-    references = {kv: _Reference(kv, batch) for kv in sorted({c["kv"] for c in cases})}
+    references = {
+        key: _Reference(*key, batch) for key in sorted({(_heads(c), c["kv"]) for c in cases})
+    }
+    logger = logging.getLogger("usp_megatron.megatron.core_attention")
+    logger.setLevel(logging.INFO)
     results = []
     for layout in sorted({(c["tp"], c["u"], c["r"]) for c in cases}):
         tp, u, r = layout
         _init_parallel(tp, [u, r])
         for case in cases:
             if (case["tp"], case["u"], case["r"]) == layout:
-                results.append((label(case), _run_case(case, references[case["kv"]], batch)))
+                handler = _Messages()
+                logger.addHandler(handler)
+                errors = _run_case(case, references[(_heads(case), case["kv"])], batch)
+                logger.removeHandler(handler)
+                results.append((label(case), errors, handler.messages))
     return results
 
 
 @pytest.fixture(scope="module")
-def results() -> dict[str, list[dict[str, float]]]:
-    per_rank = run_distributed(WORLD, run_model_cases, _cases())
+def per_rank() -> list[list[tuple[str, dict[str, float], list[str]]]]:
+    return run_distributed(WORLD, run_model_cases, _cases())
+
+
+@pytest.fixture(scope="module")
+def results(per_rank) -> dict[str, list[dict[str, float]]]:
     by_case: dict[str, list[dict[str, float]]] = {}
     for rank_results in per_rank:
-        for name, errors in rank_results:
+        for name, errors, _ in rank_results:
             by_case.setdefault(name, []).append(errors)
     return by_case
 
@@ -239,3 +274,14 @@ def test_wrong_rope_slice_is_caught(results, case):
     assert all(errors["refused without the call"] == 1.0 for errors in results[label(case)])
     worst = max(max(errors["logits"], errors["grads"]) for errors in results[label(case)])
     assert worst > 100 * TOL, f"a wrong RoPE slice went unnoticed: {results[label(case)]}"
+
+
+def test_head_split_is_logged_once_by_rank_0(per_rank):
+    """Building layer 1 logs the split of 6 heads over U=4 and its cost, on rank 0 only."""
+    case = label(dict(tp=1, u=4, r=1, impl="zigzag", heads=6, kv=6, fix_rope=True))
+    logged = [messages for rank_results in per_rank
+              for name, _, messages in rank_results if name == case]  # fmt: skip
+    assert logged[1:] == [[]] * (WORLD - 1), logged
+    (message,) = logged[0]
+    assert "query heads per ulysses rank (2, 2, 1, 1)" in message, message
+    assert "imbalance (max / mean heads) 1.33" in message, message

@@ -29,6 +29,34 @@ def head_configs(ulysses: int) -> list[tuple[int, int, int]]:
     return [config for config in configs if config[0] % ulysses == 0]
 
 
+def uneven_head_configs(ulysses: int) -> list[tuple[int, int, int]]:
+    """(hq, hkv, 1) for query heads that U does not divide (uneven split), with every
+    hkv | hq: MHA, MQA and GQA whose groups straddle the ranks' ranges."""
+    return [
+        (hq, hkv, 1)
+        for hq in (3, 5, 6, 7, 9, 10, 12)
+        if ulysses <= hq and hq % ulysses
+        for hkv in range(1, hq + 1)
+        if hq % hkv == 0
+    ]
+
+
+def uneven_cases(ulysses: int, ring: int) -> list[tuple[str, bool, tuple[int, int, int]]]:
+    """(impl, causal, heads) with uneven splits: every impl (the all-to-all's pieces differ
+    by impl), causal or not by turns. Worlds of 8 are slow on 2 cores: there only ``U = 8``
+    (which smaller worlds lack) runs, one impl per head config by turns."""
+    configs = uneven_head_configs(ulysses)
+    if ulysses * ring <= 4:
+        return [
+            (impl, (i + j) % 2 == 0, heads)
+            for i, heads in enumerate(configs)
+            for j, impl in enumerate(RING_IMPLS)
+        ]
+    if ring > 1:
+        return []
+    return [(RING_IMPLS[i % 3], i % 2 == 0, heads) for i, heads in enumerate(configs)]
+
+
 def run_case(
     groups, impl, causal, heads, device, dtype, backend, seq_per_rank, head_dim, window=None
 ):
@@ -65,30 +93,42 @@ def windows_for(seq_len: int) -> list[tuple[int, int]]:
     return [(2, 0), (seq_len // 3, 1), (2 * seq_len, 2 * seq_len)]
 
 
-def dense_cases(ulysses: int, seq_len: int):
-    """impl x causal x every head configuration, full attention."""
-    return itertools.product(RING_IMPLS, (True, False), head_configs(ulysses), [None])
+def dense_cases(ulysses: int, ring: int, seq_per_rank: int):
+    """impl x causal x heads (even splits), and every impl for uneven ones, full attention:
+    (impl, causal, heads, window, tokens per rank)."""
+    even = [
+        (impl, causal, heads, None, seq_per_rank)
+        for impl, causal, heads in itertools.product(
+            RING_IMPLS, (True, False), head_configs(ulysses)
+        )
+    ]
+    # The head split does not depend on the length: the shortest zigzag shard.
+    return even + [(*case, None, 2) for case in uneven_cases(ulysses, ring)]
 
 
-def window_cases(ulysses: int, seq_len: int):
+def window_cases(ulysses: int, ring: int, seq_per_rank: int):
     """impl x causal x sliding windows, GQA."""
-    return itertools.product(RING_IMPLS, (True, False), [(8, 2, 1)], windows_for(seq_len))
+    seq_len = seq_per_rank * ulysses * ring
+    return [
+        (impl, causal, (8, 2, 1), window, seq_per_rank)
+        for impl, causal, window in itertools.product(
+            RING_IMPLS, (True, False), windows_for(seq_len)
+        )
+    ]
 
 
 def _sweep(cases_of, device_kind, dtype_name, backend, seq_per_rank, head_dim):
-    """Every (U, R) factorisation of the world x ``cases_of(U, seq_len)``."""
+    """Every (U, R) factorisation of the world x ``cases_of(U, R, seq_per_rank)``."""
     device = torch.device("cpu")
     if device_kind == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = getattr(torch, dtype_name)
-    seq_len = seq_per_rank * dist.get_world_size()
     results = []
     for ulysses, ring in factorizations(dist.get_world_size()):
         groups = init_usp_groups(ulysses, ring)
-        for impl, causal, heads, window in cases_of(ulysses, seq_len):
+        for impl, causal, heads, window, seq in cases_of(ulysses, ring, seq_per_rank):
             errors = run_case(
-                groups, impl, causal, heads, device, dtype, backend, seq_per_rank, head_dim,
-                window,
+                groups, impl, causal, heads, device, dtype, backend, seq, head_dim, window
             )
             case = f"U{ulysses}xR{ring} {impl} causal={causal} (hq, hkv, chunks)={heads}"
             results.append((f"{case} window={window} {backend}", errors))
@@ -102,7 +142,8 @@ def run_all_cases(
     seq_per_rank: int = 16,
     head_dim: int = 16,
 ):
-    """Every (U, R) factorisation x impl x causal x heads; returns [(case, errors)]."""
+    """Every (U, R) factorisation x impl x causal x heads (even splits), and every impl for
+    uneven ones; returns [(case, errors)]."""
     return _sweep(dense_cases, device_kind, dtype_name, backend, seq_per_rank, head_dim)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from usp_megatron.attention import kv_heads_for_ulysses
+from usp_megatron.attention import head_split
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,8 @@ def _cost(
     compute_s = flops / model.kernel_flops
     if seq_len is None:
         return DegreeCost(u, r, compute_s, 0.0, 0.0)
-    kv_travel = kv_heads_for_ulysses(heads, kv_heads, u)
+    split = head_split(heads, kv_heads, u)
+    kv_travel = sum(split.kv_heads)  # key/value heads sent, replicas included
     local_tokens = seq_len / (u * r)
     heads_moved = 2 * (heads + 2 * kv_travel) + 2 * heads
     a2a_bytes = local_tokens * d * 2 * heads_moved * (u - 1) / u
@@ -122,7 +123,7 @@ def _cost(
         bandwidth = model.ring_bytes_per_s
         if ring_crosses_nodes:
             bandwidth = model.ring_bytes_per_s_across_nodes
-        kv_block = (seq_len / r) * (kv_travel // u) * d
+        kv_block = (seq_len / r) * max(split.kv_heads) * d
         forward = _ring_phase_s(kv_block * 4 / bandwidth, compute_s / 3.5 / r, model)
         backward = _ring_phase_s(kv_block * 12 / bandwidth, compute_s * 2.5 / 3.5 / r, model)
         ring_s = (r - 1) * (forward + backward + model.ring_step_s)

@@ -1,6 +1,7 @@
 """Communication: the ulysses all-to-all and the ring's neighbour exchange."""
 
 from usp_megatron.comm.all_to_all import (
+    HeadRun,
     PendingExchange,
     heads_to_seq_start,
     seq_to_heads_start,
@@ -9,6 +10,7 @@ from usp_megatron.comm.all_to_all import (
 from usp_megatron.comm.ring_exchange import RingExchange
 
 __all__ = [
+    "HeadRun",
     "PendingExchange",
     "RingExchange",
     "heads_to_seq_start",

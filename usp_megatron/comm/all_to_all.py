@@ -9,11 +9,16 @@ per piece of a rank's shard: 2 for zigzag, 1 for basic and stripe). On the way o
 kernel's sequence-major output is sent slot by slot as it is; gradients are packed once.
 The start / wait halves are separate so that the caller can overlap chunks of heads with
 compute. Permuted copies move 8-byte words (``tensors.copy_words_``).
+
+Uneven heads: when ulysses ranks receive different numbers of heads, consecutive ranks
+that receive equally many form a *run* (``HeadRun``); each run is packed like an even split
+(one copy per tensor and run), and the pieces, now of different sizes, go with split sizes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -22,21 +27,39 @@ from torch.distributed import ProcessGroup
 from usp_megatron.layout import SequenceLayout
 from usp_megatron.tensors import copy_words_
 
-#: gloo has the list form of ``all_to_all`` from torch 2.13 on; before, pieces that are not
-#: consecutive in one buffer travel by point-to-point instead.
+#: gloo has the list form of ``all_to_all`` from torch 2.13 on, for pieces of equal size
+#: only; other pieces that are not consecutive in one buffer travel by point-to-point.
 GLOO_HAS_LIST_ALL_TO_ALL = torch.__version__ >= "2.13"
 
 
-def split_heads(x: torch.Tensor, ulysses_degree: int, chunks: int) -> list[torch.Tensor]:
-    """[b, s, h, d] -> ``chunks`` views [b, s, U, h/(U*chunks), d]: what each all-to-all sends.
+class HeadRun(NamedTuple):
+    """``ranks`` consecutive ulysses ranks that each receive ``heads`` consecutive heads."""
 
-    Chunk ``c`` holds, for every destination rank, the ``c``-th part of the heads that rank
-    owns after the all-to-all, so each chunk is an independent all-to-all.
+    ranks: int
+    heads: int
+
+
+def split_heads(
+    x: torch.Tensor, runs: Sequence[HeadRun], chunks: int = 1
+) -> list[list[torch.Tensor]]:
+    """[b, s, h, d] -> for each of ``chunks``: one view [b, s, n, heads/chunks, d] per run of
+    ``runs`` (which cover the ``h`` heads in rank order): what each all-to-all sends.
+
+    An even split is one run of all ``U`` ranks. Chunk ``c`` holds, for every destination
+    rank, the ``c``-th part of the heads that rank owns after the all-to-all, so each chunk
+    is an independent all-to-all.
     """
-    b, s, h, d = x.shape
-    # [b, s, h, d] -> [b, s, U, chunks, h/(U*chunks), d]
-    parts = x.reshape(b, s, ulysses_degree, chunks, h // (ulysses_degree * chunks), d)
-    return [parts[:, :, :, c] for c in range(chunks)]
+    b, s, _, d = x.shape
+    per_chunk: list[list[torch.Tensor]] = [[] for _ in range(chunks)]
+    start = 0
+    for run in runs:
+        run_heads = x if len(runs) == 1 else x.narrow(2, start, run.ranks * run.heads)
+        # [b, s, n * heads, d] -> [b, s, n, chunks, heads/chunks, d]
+        parts = run_heads.reshape(b, s, run.ranks, chunks, run.heads // chunks, d)
+        for c in range(chunks):
+            per_chunk[c].append(parts[:, :, :, c])
+        start += run.ranks * run.heads
+    return per_chunk
 
 
 class PendingExchange:
@@ -50,7 +73,7 @@ class PendingExchange:
     def __init__(
         self,
         works: list,
-        result: list[torch.Tensor],
+        result: list,
         keep: list[torch.Tensor],
         finish: Callable[[], None] | None = None,
         sent: torch.Tensor | None = None,
@@ -58,7 +81,7 @@ class PendingExchange:
         self._works, self._result, self._keep, self._finish = works, result, keep, finish
         self.sent = sent
 
-    def wait(self) -> list[torch.Tensor]:
+    def wait(self) -> list:
         for work in self._works:
             work.wait()
         if self._finish is not None:
@@ -68,12 +91,15 @@ class PendingExchange:
 
 
 def _consecutive(parts: list[torch.Tensor]) -> torch.Tensor | None:
-    """The equal ``parts`` as one [n, *part] view, if they follow each other in one buffer."""
-    first, numel = parts[0], parts[0].numel()
-    for i, part in enumerate(parts):
-        if part.data_ptr() != first.data_ptr() + i * numel * first.element_size():
+    """The contiguous ``parts`` of one buffer as one flat view, if each starts where the one
+    before ends."""
+    end, numel = parts[0].data_ptr(), 0
+    for part in parts:
+        if part.data_ptr() != end or not part.is_contiguous():
             return None
-    return first.as_strided((len(parts), *first.shape), (numel, *first.stride()))
+        end += part.numel() * part.element_size()
+        numel += part.numel()
+    return parts[0].as_strided((numel,), (1,))
 
 
 def _point_to_point(
@@ -94,54 +120,111 @@ def _point_to_point(
 def _exchange_piece(
     outputs: list[torch.Tensor], inputs: list[torch.Tensor], group: ProcessGroup
 ) -> list:
-    """One all-to-all of equal contiguous pieces: a single-tensor call where both sides are
-    consecutive in one buffer (fewer host calls), else the list form."""
+    """One all-to-all of contiguous pieces (``inputs[j]`` to rank ``j``, ``outputs[j]`` from
+    it): a single-tensor call where both sides are consecutive in one buffer (fewer host
+    calls; with split sizes where the pieces differ), else the list form."""
     out, inp = _consecutive(outputs), _consecutive(inputs)
+    out_sizes, in_sizes = [p.numel() for p in outputs], [p.numel() for p in inputs]
+    equal = out_sizes.count(out_sizes[0]) == len(out_sizes) and (
+        in_sizes.count(in_sizes[0]) == len(in_sizes)
+    )
     if out is not None and inp is not None:
-        return [dist.all_to_all_single(out, inp, group=group, async_op=True)]
-    if not GLOO_HAS_LIST_ALL_TO_ALL and dist.get_backend(group) == "gloo":
+        splits = (None, None) if equal else (out_sizes, in_sizes)
+        return [dist.all_to_all_single(out, inp, *splits, group=group, async_op=True)]
+    if dist.get_backend(group) == "gloo" and not (equal and GLOO_HAS_LIST_ALL_TO_ALL):
         return _point_to_point(outputs, inputs, group)
     return [dist.all_to_all(outputs, inputs, group=group, async_op=True)]
 
 
-def seq_to_heads_start(
-    tensors: list[torch.Tensor], layout: SequenceLayout, group: ProcessGroup
-) -> PendingExchange:
-    """Views [b, s, U, h_i, d] (``split_heads``) -> after ``wait()``: [b, U*s, h_i, d] each.
+class _RunBuffer(NamedTuple):
+    """Pieces of a shard for every run's ranks, one after another in one flat buffer: run
+    ``r`` is the view [pieces, n, piece_len, b, H, d] (``H``: the heads of all tensors)."""
 
-    The tensors are packed along heads into one send buffer (one copy each); every piece
-    is received straight into its ring-block slot of one sequence-major buffer, so no
-    reordering copy runs; the results are head slices of that buffer.
+    flat: torch.Tensor
+    runs: list[torch.Tensor]
+
+    @classmethod
+    def empty(
+        cls, like: torch.Tensor, pieces: int, piece_len: int, shapes: list[tuple[int, int]]
+    ) -> _RunBuffer:
+        """``shapes``: (ranks, heads of all tensors) of each run."""
+        b, d = like.shape[0], like.shape[-1]
+        sizes = [ranks * piece_len * b * heads * d for ranks, heads in shapes]
+        flat = like.new_empty(pieces, sum(sizes))
+        runs, start = [], 0
+        for (ranks, heads), size in zip(shapes, sizes):
+            run = flat[:, start : start + size].view(pieces, ranks, piece_len, b, heads, d)
+            runs.append(run)
+            start += size
+        return cls(flat, runs)
+
+    def rank_pieces(self, piece: int) -> list[torch.Tensor]:
+        """Piece ``piece`` for each ulysses rank, in rank order: [piece_len, b, H, d] each."""
+        return [part for run in self.runs for part in run[piece].unbind(0)]
+
+
+def _run_shapes(tensors: list[list[torch.Tensor]]) -> list[tuple[int, int]]:
+    """(ranks, heads of all tensors) of each run, from run views [b, s, n, h, d] per tensor."""
+    return [(views[0].shape[2], sum(view.shape[3] for view in views)) for views in zip(*tensors)]
+
+
+def _my_run(tensors: list[list[torch.Tensor]], group: ProcessGroup) -> int:
+    """The index of the run this rank belongs to."""
+    if len(tensors[0]) == 1:
+        return 0
+    me, first = dist.get_rank(group), 0
+    for index, view in enumerate(tensors[0]):
+        first += view.shape[2]
+        if me < first:
+            return index
+    raise ValueError(f"the runs cover {first} ulysses ranks; rank {me} is not among them")
+
+
+def seq_to_heads_start(
+    tensors: list[list[torch.Tensor]], layout: SequenceLayout, group: ProcessGroup
+) -> PendingExchange:
+    """Run views [b, s, n, h_i, d] of each tensor (``split_heads``) -> after ``wait()``:
+    [b, U*s, h_i, d] each, with ``h_i`` the heads of this rank's run.
+
+    The tensors are packed along heads into one send buffer (one copy per tensor and run);
+    every piece is received straight into its ring-block slot of one sequence-major
+    buffer, so no reordering copy runs; the results are head slices of that buffer.
     """
     degree, pieces = layout.ulysses_degree, layout.pieces_per_rank
-    b, s, _, _, d = tensors[0].shape
-    heads = [t.shape[3] for t in tensors]
+    b, s, _, _, d = tensors[0][0].shape
     piece_len = s // pieces
-    send = tensors[0].new_empty(pieces, degree, piece_len, b, sum(heads), d)
-    recv = tensors[0].new_empty(degree * s, b, sum(heads), d)  # the ring block, seq-major
+    send = _RunBuffer.empty(tensors[0][0], pieces, piece_len, _run_shapes(tensors))
+    for run, views in zip(send.runs, zip(*tensors)):
+        start = 0
+        for view in views:
+            n, h = view.shape[2:4]
+            # [b, s, n, h, d] -> [b, pieces, piece_len, n, h, d] -> [pieces, n, piece_len, b, h, d]
+            by_piece = view.view(b, pieces, piece_len, n, h, d).permute(1, 3, 2, 0, 4, 5)
+            copy_words_(run[..., start : start + h, :], by_piece)
+            start += h
+    heads = [views[_my_run(tensors, group)].shape[3] for views in tensors]
+    recv = tensors[0][0].new_empty(degree * s, b, sum(heads), d)  # the ring block, seq-major
     result, start = [], 0
-    for t, h in zip(tensors, heads):
-        # [b, s, U, h, d] -> [b, pieces, piece_len, U, h, d] -> [pieces, U, piece_len, b, h, d]
-        by_piece = t.view(b, pieces, piece_len, degree, h, d).permute(1, 3, 2, 0, 4, 5)
-        copy_words_(send[..., start : start + h, :], by_piece)
+    for h in heads:
         # [U*s, b, h, d] -> [b, U*s, h, d]
         result.append(recv[:, :, start : start + h].transpose(0, 1))
         start += h
     works = []
     for i in range(pieces):
         slots = [recv[j * piece_len : (j + 1) * piece_len] for j in layout.gather_slots[i]]
-        works += _exchange_piece(slots, list(send[i].unbind(0)), group)
-    return PendingExchange(works, result, [send])
+        works += _exchange_piece(slots, send.rank_pieces(i), group)
+    return PendingExchange(works, result, [send.flat])
 
 
 def heads_to_seq_start(
     tensors: list[torch.Tensor],
-    destinations: list[torch.Tensor],
+    destinations: list[list[torch.Tensor]],
     layout: SequenceLayout,
     group: ProcessGroup,
 ) -> PendingExchange:
-    """[b, U*s, h_i, d] each (ring-block order) -> after ``wait()``: copied into the views
-    [b, s, U, h_i, d] ``destinations``. The inverse of :func:`seq_to_heads_start`.
+    """[b, U*s, h_i, d] each (ring-block order) -> after ``wait()``: copied into the run
+    views [b, s, n, h_i, d] ``destinations`` (``split_heads``). The inverse of
+    :func:`seq_to_heads_start`.
 
     One sequence-major tensor is sent slot by slot as it is; otherwise the tensors are
     packed along heads into a sequence-major buffer first (one copy each).
@@ -157,20 +240,22 @@ def heads_to_seq_start(
         for t, h in zip(tensors, heads):
             copy_words_(send[:, :, start : start + h], t.transpose(0, 1))
             start += h
-    recv = tensors[0].new_empty(pieces, degree, piece_len, b, sum(heads), d)
+    recv = _RunBuffer.empty(tensors[0], pieces, piece_len, _run_shapes(destinations))
     works = []
     for i in range(pieces):
         slots = [send[j * piece_len : (j + 1) * piece_len] for j in layout.gather_slots[i]]
-        works += _exchange_piece(list(recv[i].unbind(0)), slots, group)
+        works += _exchange_piece(recv.rank_pieces(i), slots, group)
 
     def finish() -> None:
-        start = 0
-        for dest, h in zip(destinations, heads):
-            # [pieces, U, piece_len, b, h, d] -> [b, pieces, piece_len, U, h, d]
-            src = recv[..., start : start + h, :].permute(3, 0, 2, 1, 4, 5)
-            copy_words_(dest.view(b, pieces, piece_len, degree, h, d), src)
-            start += h
+        for run, views in zip(recv.runs, zip(*destinations)):
+            start = 0
+            for view in views:
+                n, h = view.shape[2:4]
+                # [pieces, n, piece_len, b, h, d] -> [b, pieces, piece_len, n, h, d]
+                src = run[..., start : start + h, :].permute(3, 0, 2, 1, 4, 5)
+                copy_words_(view.view(b, pieces, piece_len, n, h, d), src)
+                start += h
 
     return PendingExchange(
-        works, list(destinations), [send, recv], finish, sent=send.transpose(0, 1)
+        works, list(destinations), [send, recv.flat], finish, sent=send.transpose(0, 1)
     )

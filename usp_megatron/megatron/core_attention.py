@@ -14,6 +14,7 @@ every ``USPAttention`` of the model.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -22,9 +23,9 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
-from megatron.core.utils import get_pg_size
+from megatron.core.utils import get_pg_size, log_single_rank
 
-from usp_megatron.attention import LongContextAttention
+from usp_megatron.attention import LongContextAttention, head_split
 from usp_megatron.layout import layout_type
 from usp_megatron.megatron.process_groups import usp_groups_from_megatron
 from usp_megatron.megatron.validation import (
@@ -34,6 +35,28 @@ from usp_megatron.megatron.validation import (
 )
 
 _CAUSAL = {AttnMaskType.causal: True, AttnMaskType.no_mask: False}
+
+logger = logging.getLogger(__name__)
+
+
+def describe_head_split(
+    num_attention_heads: int,
+    num_query_groups: int | None,
+    tensor_parallel_size: int,
+    ulysses_degree: int,
+) -> str:
+    """How the ulysses all-to-all splits a tensor-parallel rank's heads, and what an uneven
+    split costs: every rank waits for the one with the most heads (max / mean)."""
+    q_heads = num_attention_heads // tensor_parallel_size
+    groups = num_attention_heads if num_query_groups is None else num_query_groups
+    kv_heads = max(groups // tensor_parallel_size, 1)
+    split = head_split(q_heads, kv_heads, ulysses_degree)
+    return (
+        f"USP: {q_heads} query / {kv_heads} key-value heads per tensor-parallel rank over "
+        f"ulysses degree {ulysses_degree}: query heads per ulysses rank {split.q_heads}, "
+        f"key/value heads {split.kv_heads}; imbalance (max / mean heads) "
+        f"{split.imbalance:.2f}"
+    )
 
 
 class USPAttention(MegatronModule):
@@ -79,6 +102,14 @@ class USPAttention(MegatronModule):
         check_heads(
             config.num_attention_heads, tp_size, self.groups.ulysses_degree, config.num_query_groups
         )
+        if layer_number == 1:
+            message = describe_head_split(
+                config.num_attention_heads,
+                config.num_query_groups,
+                tp_size,
+                self.groups.ulysses_degree,
+            )
+            log_single_rank(logger, logging.INFO, message)
         # apply_query_key_layer_scaling divides the scores by the layer number and the
         # softmax multiplies it back: the same attention, so only the plain scale is used.
         self.softmax_scale = (

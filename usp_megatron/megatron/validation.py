@@ -26,9 +26,11 @@ def check_heads(
 ) -> None:
     """Query heads are split by TP first, then by the ulysses all-to-all.
 
-    Key/value heads (``num_query_groups``) must divide the query heads and split over TP;
-    beyond that they need no check: when a TP rank has fewer than ``U`` of them they are
-    replicated inside the attention, never dropped.
+    ``U`` need not divide a TP rank's heads (the all-to-all then splits them unevenly, at
+    the cost ``HeadSplit.imbalance``) but may not exceed them. Key/value heads
+    (``num_query_groups``) must divide the query heads and split over TP; beyond that they
+    need no check: the attention sends each ulysses rank those its query heads read,
+    replicated where ranks share one, never dropped.
     """
     per_rank = heads_per_tp_rank(num_attention_heads, tensor_parallel_size)
     groups = num_attention_heads if num_query_groups is None else num_query_groups
@@ -43,11 +45,11 @@ def check_heads(
             f"num_query_groups={groups} (--num-query-groups) and the tensor-parallel size "
             f"{tensor_parallel_size} must divide one another"
         )
-    if per_rank % ulysses_degree:
+    if ulysses_degree > per_rank:
         raise ValueError(
-            f"attention heads per tensor-parallel rank ({num_attention_heads} / TP "
-            f"{tensor_parallel_size} = {per_rank}) must be divisible by the ulysses degree "
-            f"{ulysses_degree}: choose U among the divisors of {per_rank}, or lower TP"
+            f"the ulysses degree {ulysses_degree} must be at most the attention heads per "
+            f"tensor-parallel rank ({num_attention_heads} / TP {tensor_parallel_size} = "
+            f"{per_rank}): every ulysses rank computes at least one head; lower U or TP"
         )
 
 
