@@ -12,7 +12,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["usp_megatron", "usp_megatron.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "megatron-core>=0.16.1", "numpy"],
+    install_requires=["torch>=2.4", "megatron-core>=0.16.1,<0.20", "numpy"],
     extras_require={
         "flash": ["flash-attn>=2.6"],
         "te": ["transformer-engine"],

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_decoder_layer_specs,
     get_gpt_layer_local_spec,
 )
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -33,7 +38,7 @@ from usp_megatron.megatron.megatron_lm import (
 from usp_megatron.megatron.specs import USPCoreAttention
 from usp_megatron.megatron.validation import check_cp_comm_type
 
-PATCH = Path(__file__).parents[1] / "patches" / "megatron-lm-core_v0.16.1-pretrain_gpt.patch"
+PATCHES = Path(__file__).parents[1] / "patches"
 
 
 def parse(*flags: str, **megatron_args) -> argparse.Namespace:
@@ -249,17 +254,48 @@ def _core_attentions(spec) -> list:
     return [layer.submodules.self_attention.submodules.core_attention for layer in layers]
 
 
+def _by_value(node):
+    """A spec as plain values: partials (megatron-core 0.19 builds MLPs as partials, which
+    compare by identity) by function and arguments; the core attention left out."""
+    if isinstance(node, SelfAttentionSubmodules):
+        node = dataclasses.replace(node, core_attention="compared apart")
+    if isinstance(node, functools.partial):
+        return ("partial", _by_value(node.func), _by_value(node.args), _by_value(node.keywords))
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        fields = dataclasses.fields(node)
+        return type(node), {f.name: _by_value(getattr(node, f.name)) for f in fields}
+    if isinstance(node, (list, tuple)):
+        return [_by_value(item) for item in node]
+    if isinstance(node, dict):
+        return {key: _by_value(value) for key, value in node.items()}
+    return node
+
+
 def test_usp_spec_swaps_only_core_attention():
-    local = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=True)
-    usp = get_gpt_layer_usp_spec(ring_impl="stripe", backend="reference", normalization="RMSNorm",
-                                 qk_layernorm=True)  # fmt: skip
+    options = dict(normalization="RMSNorm", qk_layernorm=True)
+    local = get_gpt_layer_local_spec(**options)
+    usp = get_gpt_layer_usp_spec(ring_impl="stripe", backend="reference", **options)
     (core,) = _core_attentions(usp)
     assert core == USPCoreAttention(ring_impl="stripe", backend="reference")
+    assert _by_value(usp) == _by_value(local)  # the same modules and arguments elsewhere
+    swapped = with_usp_attention(local, ring_impl="stripe", backend="reference")
     assert _core_attentions(local) == [DotProductAttention]  # the original is untouched
-    attn, local_attn = usp.submodules.self_attention, local.submodules.self_attention
+    attn, local_attn = swapped.submodules.self_attention, local.submodules.self_attention
     assert attn.submodules.linear_qkv is local_attn.submodules.linear_qkv
     assert attn.submodules.q_layernorm is local_attn.submodules.q_layernorm
-    assert usp.submodules.mlp == local.submodules.mlp
+    assert swapped.submodules.mlp is local.submodules.mlp  # shared, not copied
+
+
+def test_swap_reaches_attention_inside_partials():
+    """megatron-core 0.19 writes submodules as partials; a core attention inside one is swapped."""
+    local = get_gpt_layer_local_spec()
+    attention = local.submodules.self_attention
+    nested = functools.partial(dict, attention=attention, other=local.submodules.mlp)
+    swapped = with_usp_attention([nested])[0]
+    assert swapped.func is dict and swapped.keywords["other"] is local.submodules.mlp
+    assert isinstance(swapped.keywords["attention"].submodules.core_attention, USPCoreAttention)
+    untouched = functools.partial(dict, other=local.submodules.mlp)
+    assert with_usp_attention(untouched) is untouched
 
 
 def test_block_spec_with_moe_layers_is_swapped_everywhere():
@@ -332,8 +368,66 @@ def test_spec_provider_hook_answers_usp_only_when_enabled():
     assert core == USPCoreAttention(ring_impl="basic", rope_sliced_for_layout=True)
 
 
-def test_patch_installs_hooks_and_flags():
-    text = PATCH.read_text()
+def _megatron_lm_training(tag: str, args: argparse.Namespace) -> dict[str, types.ModuleType]:
+    """Megatron-LM's ``megatron.training`` modules as ``tag`` lays out what the hooks replace."""
+    from megatron.core import utils as core_utils
+
+    def validate_args(args, defaults={}):  # noqa: B006 (Megatron-LM's signature)
+        return args
+
+    def parse_args(extra_args_provider=None, ignore_unknown_args=False):
+        return extra_args_provider(argparse.ArgumentParser()).parse_args([])
+
+    modules = {name: types.ModuleType(f"megatron.training.{name}")
+               for name in ("arguments", "initialize", "utils", "global_vars")}  # fmt: skip
+    modules["arguments"].validate_args = validate_args
+    modules["arguments"].parse_args = parse_args
+    modules["global_vars"].get_args = lambda: args
+    if tag == "core_v0.16.1":  # imported by name where 0.19 no longer does
+        modules["initialize"].validate_args = validate_args
+        modules["initialize"].parse_args = parse_args
+        modules["utils"].get_batch_on_this_cp_rank = core_utils.get_batch_on_this_cp_rank
+    return {f"megatron.training.{name}": module for name, module in modules.items()}
+
+
+@pytest.mark.parametrize("tag", ["core_v0.16.1", "core_v0.19.0"])
+def test_install_hooks_every_place_each_tag_looks(monkeypatch, tag):
+    from megatron.core import utils as core_utils
+    from megatron.core.models.gpt import gpt_model
+
+    from usp_megatron.megatron.megatron_lm import install
+
+    args = parse()
+    training = _megatron_lm_training(tag, args)
+    for name, module in training.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    replaced = [(LocalSpecProvider, "core_attention"), (core_utils, "get_batch_on_this_cp_rank"),
+                (gpt_model, "RotaryEmbedding")]  # fmt: skip
+    try:
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+        replaced.append((TESpecProvider, "core_attention"))
+    except ImportError:
+        pass
+    for owner, name in replaced:  # restored after the test
+        monkeypatch.setattr(owner, name, getattr(owner, name))
+    install(add_flags=True)
+    install(add_flags=True)  # idempotent
+    hooked = [getattr(owner, name) for owner, name in replaced] + [
+        getattr(module, name)
+        for module in training.values()
+        for name in ("validate_args", "parse_args", "get_batch_on_this_cp_rank")
+        if hasattr(module, name)
+    ]
+    assert len(hooked) == len(replaced) + (5 if tag == "core_v0.16.1" else 2)
+    assert all(getattr(fn, "_usp_megatron_hook", False) for fn in hooked)
+    parsed = training["megatron.training.arguments"].parse_args(None)
+    assert parsed.usp_ulysses_degree == 1  # the flags reach 0.19's parse_and_validate_args
+
+
+@pytest.mark.parametrize("tag", ["core_v0.16.1", "core_v0.19.0"])
+def test_patch_installs_hooks_and_flags(tag):
+    text = (PATCHES / f"megatron-lm-{tag}-pretrain_gpt.patch").read_text()
     added = [line[1:].strip() for line in text.splitlines() if line.startswith("+") and
              not line.startswith("+++")]  # fmt: skip
     assert "usp_megatron_lm.install()  # imports below pick them up" in added

@@ -4,6 +4,7 @@ real Megatron groups: one world of 4 CPU processes (gloo) runs every check."""
 from __future__ import annotations
 
 import argparse
+import inspect
 
 import pytest
 import torch
@@ -43,6 +44,18 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _megatron_split_options() -> dict:
+    """What Megatron's ``get_batch_on_this_cp_rank`` needs besides the batch: megatron-core
+    0.19 added a required ``is_hybrid_cp`` and takes the world for a missing ``cp_group``."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import utils as mcore_utils
+
+    options: dict = {"cp_group": ps.get_context_parallel_group()}
+    if "is_hybrid_cp" in inspect.signature(mcore_utils.get_batch_on_this_cp_rank).parameters:
+        options["is_hybrid_cp"] = False
+    return options
+
+
 def _layout_checks(impl_positions: dict) -> dict[str, bool]:
     from megatron.core import utils as mcore_utils
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
@@ -53,14 +66,21 @@ def _layout_checks(impl_positions: dict) -> dict[str, bool]:
         get_batch_on_this_usp_rank,
         usp_groups_from_megatron,
     )
+    from usp_megatron.megatron.batch import PACKED_SEQUENCE_KEYS
     from usp_megatron.megatron.megatron_lm import wrap_batch_split, wrap_rotary_embedding
 
     checks = {}
     batch = _batch()
-    megatron_split = mcore_utils.get_batch_on_this_cp_rank(dict(batch))
+    options = _megatron_split_options()
+    megatron_split = mcore_utils.get_batch_on_this_cp_rank(dict(batch), **options)
     checks["zigzag batch == Megatron's"] = _same(
         get_batch_on_this_usp_rank(batch, "zigzag"), megatron_split
     )
+    unpacked = dict.fromkeys(PACKED_SEQUENCE_KEYS)  # Megatron-LM core_v0.19.0's batch has them
+    split = get_batch_on_this_usp_rank(batch | unpacked, "zigzag")
+    checks["None packed-sequence entries kept"] = all(
+        split.pop(key, "missing") is None for key in unpacked
+    ) and _same(split, megatron_split)
     rope = RotaryEmbedding(kv_channels=16, rotary_percent=1.0, use_cpu_initialization=True)
     full = rope.get_emb(SEQ)
     checks["zigzag RoPE == Megatron's"] = torch.equal(
@@ -69,7 +89,9 @@ def _layout_checks(impl_positions: dict) -> dict[str, bool]:
     args = argparse.Namespace(usp_ulysses_degree=1, usp_ring_degree=1, usp_ring_impl="zigzag")
     split_hook = wrap_batch_split(mcore_utils.get_batch_on_this_cp_rank, lambda: args)
     rope_hook = wrap_rotary_embedding(RotaryEmbedding, lambda: args)
-    checks["hooks off: Megatron's split"] = _same(split_hook(dict(batch)), megatron_split)
+    checks["hooks off: Megatron's split"] = _same(
+        split_hook(dict(batch), **options), megatron_split
+    )
     checks["hooks off: Megatron's RoPE"] = type(rope_hook(16, 1.0)) is RotaryEmbedding
     args.usp_ulysses_degree = 2
     for impl in ("basic", "zigzag", "stripe"):
@@ -90,7 +112,7 @@ def _layout_checks(impl_positions: dict) -> dict[str, bool]:
             usp_rope(SEQ), full.index_select(0, positions)
         )
         args.usp_ring_impl = impl
-        checks[f"{impl} batch hook"] = _same(split_hook(dict(batch)), mine)
+        checks[f"{impl} batch hook"] = _same(split_hook(dict(batch), **options), mine)
         built = rope_hook(16, 1.0, use_cpu_initialization=True)
         checks[f"{impl} RoPE hook"] = torch.equal(built(SEQ), usp_rope(SEQ))
     return checks
@@ -119,6 +141,17 @@ def _attention_error(**overrides) -> str:
     return "no error"
 
 
+def _packed_batch_error() -> str:
+    from usp_megatron.megatron import get_batch_on_this_usp_rank
+
+    packed = _batch() | {"cu_seqlens": torch.tensor([[0, 12, SEQ]]), "max_seqlen": None}
+    try:
+        get_batch_on_this_usp_rank(packed)
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
 def run_layout_checks() -> dict[str, object]:
     from megatron.core.transformer.enums import AttnMaskType
 
@@ -134,7 +167,8 @@ def run_layout_checks() -> dict[str, object]:
         for impl, positions in impl_positions.items():
             results[f"U{u}R{r} {impl} covers the sequence once"] = _covers_sequence_once(positions)
     _init([4, 1], 4)
-    results["error: heads"] = _attention_error(num_attention_heads=6)
+    results["error: packed"] = _packed_batch_error()
+    results["error: heads"] = _attention_error(num_attention_heads=2)
     results["error: dropout"] = _attention_error(attention_dropout=0.1)
     results["error: mask"] = _attention_error(attn_mask_type=AttnMaskType.padding)
     _init(None, 4)
@@ -150,7 +184,7 @@ def results() -> dict[str, object]:
 
 def test_layout_checks_pass_on_every_rank(results):
     checks = {k: v for k, v in results.items() if not k.startswith("error")}
-    assert len(checks) == len(LAYOUTS) * (4 + 5 * 3)
+    assert len(checks) == len(LAYOUTS) * (5 + 5 * 3)
     failed = [name for name, per_rank in checks.items() if not all(per_rank)]
     assert not failed, failed
 
@@ -158,7 +192,9 @@ def test_layout_checks_pass_on_every_rank(results):
 @pytest.mark.parametrize(
     "case, words",
     [
-        ("heads", "(6 / TP 1 = 6) must be divisible by the ulysses degree 4"),
+        ("packed", "packed-sequence entries ['cu_seqlens']: drop --sft"),
+        ("heads", "ulysses degree 4 must be at most the attention heads per tensor-parallel "
+                  "rank (2 / TP 1 = 2)"),
         ("dropout", "attention_dropout (--attention-dropout) to 0.0, got 0.1"),
         ("mask", "causal or no_mask"),
         ("no hierarchical groups", "hierarchical_context_parallel_sizes=[U, R]"),

@@ -1,16 +1,18 @@
-"""Hooks that put USP into Megatron-LM's ``pretrain_gpt.py`` (tag ``core_v0.16.1``).
+"""Hooks that put USP into Megatron-LM's ``pretrain_gpt.py`` (tags ``core_v0.16.1`` and
+``core_v0.19.0``).
 
 Megatron-LM imports most of what USP changes by name at import time, so :func:`install`
-must run before ``pretrain_gpt.py`` imports ``megatron.training`` (the patch in
-``patches/`` calls it at the top of the script; the ``launch`` module calls it before
-running the script). It replaces, each in the one place Megatron-LM looks it up:
+must run before ``pretrain_gpt.py`` imports ``megatron.training`` (the patches in
+``patches/`` call it at the top of the script; the ``launch`` module calls it before
+running the script). It replaces, each in every place the supported tags look it up:
 
-- ``validate_args`` (in ``megatron.training.arguments`` and where ``initialize`` imported
-  it): ``--usp-*`` become ``context_parallel_size = U * R`` and hierarchical sizes
-  ``[U, R]`` before Megatron's own checks, and USP's checks run after them;
+- ``validate_args`` (in ``megatron.training.arguments``, and in ``initialize`` where 0.16
+  imported it by name): ``--usp-*`` become ``context_parallel_size = U * R`` and
+  hierarchical sizes ``[U, R]`` before Megatron's own checks, and USP's checks run after;
 - the ``core_attention()`` of the local and TransformerEngine spec providers, which every
   GPT spec builder (dense, MoE, MTP) asks for its core attention;
-- ``get_batch_on_this_cp_rank`` in ``megatron.training.utils`` (the batch split);
+- ``get_batch_on_this_cp_rank`` (the batch split): in ``megatron.core.utils``, where 0.19's
+  script imports it from, and in ``megatron.training.utils``, where 0.16's did;
 - the ``RotaryEmbedding`` that ``GPTModel`` builds (the RoPE slice of stripe and basic).
 
 Every hook reads the flags from Megatron-LM's own ``get_args()`` when it runs, and is a
@@ -134,14 +136,29 @@ def wrap_rotary_embedding(rotary_embedding: type, get_args: Callable) -> Callabl
     return _mark(build)
 
 
+SUPPORTED_TAGS = ("core_v0.16.1", "core_v0.19.0")
+
+
 def _module(name: str) -> Any:
     try:
         return importlib.import_module(name)
     except ImportError as error:
         raise ImportError(
             f"usp_megatron.megatron.megatron_lm needs Megatron-LM's {name} (put a Megatron-LM "
-            f"checkout of tag core_v0.16.1 on PYTHONPATH): {error}"
+            f"checkout of tag {' or '.join(SUPPORTED_TAGS)} on PYTHONPATH): {error}"
         ) from error
+
+
+def _replace(modules: list[Any], name: str, wrap: Callable[[Callable], Callable]) -> None:
+    """Wrap ``name`` in each module that has it; at least one must (else the tag is unknown)."""
+    holders = [module for module in modules if hasattr(module, name)]
+    if not holders:
+        raise ImportError(
+            f"none of {[module.__name__ for module in modules]} has {name}: this Megatron-LM "
+            f"is not one of {SUPPORTED_TAGS}"
+        )
+    for module in holders:
+        setattr(module, name, wrap(getattr(module, name)))
 
 
 def install(add_flags: bool = False) -> None:
@@ -150,15 +167,17 @@ def install(add_flags: bool = False) -> None:
     arguments = _module("megatron.training.arguments")
     initialize = _module("megatron.training.initialize")
     training_utils = _module("megatron.training.utils")
+    core_utils = _module("megatron.core.utils")
     global_vars = _module("megatron.training.global_vars")
     gpt_model = _module("megatron.core.models.gpt.gpt_model")
     backends = _module("megatron.core.models.backends")
     get_args = global_vars.get_args
 
-    arguments.validate_args = wrap_validate_args(arguments.validate_args)
-    initialize.validate_args = wrap_validate_args(initialize.validate_args)
+    # 0.16: initialize_megatron calls the names it imported; 0.19: parse_and_validate_args
+    # calls arguments' own.
+    _replace([arguments, initialize], "validate_args", wrap_validate_args)
     if add_flags:
-        initialize.parse_args = wrap_parse_args(initialize.parse_args)
+        _replace([arguments, initialize], "parse_args", wrap_parse_args)
     providers = [backends.LocalSpecProvider]
     try:
         te_provider = importlib.import_module(
@@ -169,7 +188,9 @@ def install(add_flags: bool = False) -> None:
         pass  # TransformerEngine is optional
     for provider in providers:
         provider.core_attention = wrap_core_attention(provider.core_attention, get_args)
-    training_utils.get_batch_on_this_cp_rank = wrap_batch_split(
-        training_utils.get_batch_on_this_cp_rank, get_args
+    _replace(
+        [core_utils, training_utils],
+        "get_batch_on_this_cp_rank",
+        lambda split: wrap_batch_split(split, get_args),
     )
     gpt_model.RotaryEmbedding = wrap_rotary_embedding(gpt_model.RotaryEmbedding, get_args)

@@ -60,7 +60,7 @@ def usp_groups_from_megatron(pg_collection: Any = None) -> USPGroups:
 def reset_model_parallel() -> None:
     """``parallel_state.destroy_model_parallel`` that also forgets the hierarchical groups.
 
-    megatron-core 0.16's ``destroy_model_parallel`` leaves the hierarchical
+    megatron-core's ``destroy_model_parallel`` (0.16 to 0.19) leaves the hierarchical
     context-parallel groups set, so a second ``initialize_model_parallel`` in the same
     process (a new layout) would hand the plugin the old ulysses and ring groups.
     """

@@ -1,13 +1,15 @@
 """Layer specs with USP core attention: one slot of a Megatron spec changes, nothing else.
 
 ``with_usp_attention`` rewrites any GPT spec (a layer ``ModuleSpec``, a
-``TransformerBlockSubmodules`` of dense and MoE layers, local or TransformerEngine modules)
-so that every self-attention's ``core_attention`` is :class:`USPAttention`.
+``TransformerBlockSubmodules`` of dense and MoE layers, local or TransformerEngine modules,
+ModuleSpecs or partials as megatron-core 0.16 to 0.19 write them) so that every
+self-attention's ``core_attention`` is :class:`USPAttention`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 from megatron.core.models.gpt import gpt_layer_specs
@@ -45,19 +47,32 @@ def usp_core_attention(
     return USPCoreAttention(ring_impl, backend, rope_sliced_for_layout)
 
 
+def _same(new: Any, old: Any) -> bool:
+    return all(a is b for a, b in zip(new, old, strict=True))
+
+
 def _swap(node: Any, core_attention: USPCoreAttention) -> Any:
+    """``node`` with every self-attention core swapped; parts with none inside are returned
+    as they are (the same objects), so the copy shares everything but the swapped slots."""
     if isinstance(node, MLASelfAttentionSubmodules):
         check_attention_options(multi_latent_attention=True)
     if isinstance(node, SelfAttentionSubmodules):
         return dataclasses.replace(node, core_attention=core_attention)
     if isinstance(node, list):
-        return [_swap(item, core_attention) for item in node]
+        items = [_swap(item, core_attention) for item in node]
+        return node if _same(items, node) else items
+    if isinstance(node, functools.partial):
+        # megatron-core >= 0.19 writes some submodules as partial(Module..., submodules=...).
+        args = [_swap(arg, core_attention) for arg in node.args]
+        keywords = {key: _swap(value, core_attention) for key, value in node.keywords.items()}
+        if _same(args, node.args) and _same(keywords.values(), node.keywords.values()):
+            return node
+        return functools.partial(node.func, *args, **keywords)
     if dataclasses.is_dataclass(node) and not isinstance(node, type):
-        changes = {
-            f.name: _swap(getattr(node, f.name), core_attention)
-            for f in dataclasses.fields(node)
-            if f.init
-        }
+        names = [f.name for f in dataclasses.fields(node) if f.init]
+        changes = {name: _swap(getattr(node, name), core_attention) for name in names}
+        if _same(changes.values(), [getattr(node, name) for name in names]):
+            return node
         return dataclasses.replace(node, **changes)
     return node
 
