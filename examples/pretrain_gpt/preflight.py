@@ -199,6 +199,11 @@ def _check_heads(args: argparse.Namespace) -> None:
             f"--num-query-groups {groups} must be divisible by --tensor-model-parallel-size "
             f"{tp}: tensor parallelism splits the key/value heads too"
         )
+    if usp_enabled(args):
+        try:
+            check_heads(heads, tp, args.usp_ulysses_degree)
+        except ValueError as error:
+            raise ConfigError(f"--usp-ulysses-degree: {error}") from None
 
 
 def _check_seq_length(args: argparse.Namespace) -> None:
