@@ -103,8 +103,11 @@ def peak_memory_bytes(device: torch.device) -> int:
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
 
 
-def _flops_unit(device: torch.device) -> str:
-    return "TFLOP/s/GPU" if device.type == "cuda" else "TFLOP/s/rank"
+def _flops_text(tflops: float, device: torch.device) -> str:
+    """Megatron-LM's TFLOP/s per GPU; GFLOP/s per rank on CPU, where TFLOP/s reads 0.000."""
+    if device.type == "cuda":
+        return f"{tflops:.3g} TFLOP/s/GPU"
+    return f"{1e3 * tflops:.3g} GFLOP/s/rank"
 
 
 def _memory_label(device: torch.device) -> str:
@@ -136,7 +139,6 @@ class Reporter:
             vocab_size=padded_vocab_size,
         )
         self.peak, _ = peak_tflops(args, plan.device)
-        self.unit = _flops_unit(plan.device)
         self.writer = None
         if rank == 0 and args.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
@@ -172,7 +174,8 @@ class Reporter:
         return (
             f"iter {r['iteration']:>5}/{total} ({100 * r['iteration'] / total:5.1f}%) | "
             f"loss {r['loss']:.6f} | grad norm {r['grad_norm']:.4f} | lr {r['lr']:.2e} | "
-            f"{r['tokens_per_s']:,.0f} tok/s | {r['tflops_per_gpu']:.3g} {self.unit}{mfu} | "
+            f"{r['tokens_per_s']:,.0f} tok/s | {_flops_text(r['tflops_per_gpu'], self.plan.device)}"
+            f"{mfu} | "
             f"{_memory_label(self.plan.device)} {_size(r['peak_memory_bytes'])} | "
             f"{r['seconds']:.2f} s/it | eta {eta:.0f}s"
         )
@@ -204,6 +207,10 @@ def nothing_to_do(args: argparse.Namespace, iteration: int) -> str:
         f"nothing to do: the checkpoint in {args.load} is at iteration {iteration} and "
         f"--train-iters is {args.train_iters}; raise --train-iters to train further"
     )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}{'es' if noun.endswith('s') else 's'}"
 
 
 def _ranges(positions: list[int]) -> str:
@@ -260,8 +267,8 @@ def banner(args: argparse.Namespace, plan: Plan) -> str:
         f"tensorboard: {args.tensorboard_dir or '- (--tensorboard-dir)'}",
     ]
     lines = [
-        f"USP GPT pretraining | {plan.world_size} processes, {plan.device.type} ({backend}), "
-        f"{str(plan.dtype).removeprefix('torch.')}",
+        f"USP GPT pretraining | {_count(plan.world_size, 'process')}, {plan.device.type} "
+        f"({backend}), {str(plan.dtype).removeprefix('torch.')}",
         f"parallel   TP {tp} x {cp_text} x DP {plan.data_parallel_size}",
         f"layout     {_layout(args)}",
         f"attention  kernel {plan.kernel} ({plan.kernel_reason})",
@@ -272,7 +279,8 @@ def banner(args: argparse.Namespace, plan: Plan) -> str:
         f"{args.ffn_hidden_size}, {args.position_embedding_type}, vocab {data.vocab_size}",
         f"data       {data.description}: {data.documents:,} documents, {data.tokens:,} tokens"
         + (f" ({data.prefix})" if args.data_path is None else ""),
-        f"training   {args.train_iters} iterations x {args.global_batch_size} sequences "
+        f"training   {_count(args.train_iters, 'iteration')} x "
+        f"{_count(args.global_batch_size, 'sequence')} "
         f"(micro-batch {args.micro_batch_size}) = {tokens:,} tokens each; {args.optimizer}, "
         f"lr {args.lr:.1e} -> {args.min_lr:.1e} cosine, {warmup}; {mfu}",
         f"outputs    {'; '.join(outputs)}",
@@ -287,7 +295,7 @@ def summary(args: argparse.Namespace, plan: Plan, history: list[dict], wall_seco
     seconds = sum(r["seconds"] for r in steady)
     tokens = args.global_batch_size * args.seq_length * len(steady)
     tflops = sum(r["tflops_per_gpu"] * r["seconds"] for r in steady) / seconds
-    speed = f"{tokens / seconds:,.0f} tok/s, {tflops:.3g} {_flops_unit(plan.device)}"
+    speed = f"{tokens / seconds:,.0f} tok/s, {_flops_text(tflops, plan.device)}"
     peak, _ = peak_tflops(args, plan.device)
     if peak:
         speed += f", MFU {100 * tflops / peak:.1f}%"
@@ -302,6 +310,8 @@ def summary(args: argparse.Namespace, plan: Plan, history: list[dict], wall_seco
     if not written:
         written.append("nothing (no --history-json, --save or --tensorboard-dir)")
     return (
-        f"done: {len(history)} iterations in {wall_seconds:.1f} s wall; mean {speed}"
-        f"{excluded}; final loss {history[-1]['loss']:.6f}\nwrote: {'; '.join(written)}"
+        f"done: {_count(len(history), 'iteration')} in {wall_seconds:.1f} s wall; mean {speed}"
+        f"{excluded}; final loss {history[-1]['loss']:.6f}; {_memory_label(plan.device)} "
+        f"{_size(max(r['peak_memory_bytes'] for r in history))} (rank 0)\n"
+        f"wrote: {'; '.join(written)}"
     )
