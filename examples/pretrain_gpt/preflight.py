@@ -76,7 +76,9 @@ def check_configuration(
 
     Touches no process group and no accelerator memory: it runs before both exist.
     """
-    device = _check_device(args, local_world_size or world_size)
+    if local_world_size is None:  # torchrun's processes on this node, else one node
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    device = _check_device(args, local_world_size)
     _check_context_parallel(args)
     args.data_parallel_size = _check_world(args, world_size)
     _check_heads(args)
@@ -129,12 +131,15 @@ def _check_context_parallel(args: argparse.Namespace) -> None:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     cp = args.context_parallel_size
+    if cp < 1:
+        raise ConfigError(f"--context-parallel-size must be at least 1, got {cp}")
     if cp > 1 and not usp_enabled(args):
+        examples = _degree_examples(args, cp)
         raise ConfigError(
             f"--context-parallel-size {cp}: this driver's context parallelism is USP, set by "
-            f"its degrees: give --usp-ulysses-degree U --usp-ring-degree R with U x R = {cp} "
-            f"(here: {_degree_examples(args, cp)}), and drop --context-parallel-size (it "
-            "becomes U x R)"
+            f"its degrees: give --usp-ulysses-degree U --usp-ring-degree R with U x R = {cp}"
+            + (f" (here: {examples})" if examples else "")
+            + ", and drop --context-parallel-size (it becomes U x R)"
         )
     if args.megatron_attention and cp > 1:
         raise ConfigError(
@@ -157,8 +162,13 @@ def _degree_examples(args: argparse.Namespace, cp: int) -> str:
 
 def _check_world(args: argparse.Namespace, world_size: int) -> int:
     tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
-    if tp < 1:
-        raise ConfigError(f"--tensor-model-parallel-size must be at least 1, got {tp}")
+    for flag, value in (
+        ("--tensor-model-parallel-size", tp),
+        ("--micro-batch-size", args.micro_batch_size),
+        ("--global-batch-size", args.global_batch_size),
+    ):
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
     if world_size % (tp * cp):
         raise ConfigError(
             f"world size {world_size} is not a multiple of TP {tp} x CP {cp} = {tp * cp}: "

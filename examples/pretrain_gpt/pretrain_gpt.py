@@ -43,9 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("launch with torchrun, e.g. torchrun --nproc-per-node 4 " + sys.argv[0])
     rank = int(os.environ["RANK"])
     try:
-        plan = check_configuration(
-            args, int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        )
+        plan = check_configuration(args, int(os.environ["WORLD_SIZE"]))
         if rank == 0:
             print(banner(args, plan), flush=True)
         history = _run(args)
