@@ -18,5 +18,6 @@ setup(
         "te": ["transformer-engine"],
         "test": ["pytest>=8", "ruff==0.17.6", "matplotlib"],
         "plot": ["matplotlib"],
+        "tensorboard": ["tensorboard"],
     },
 )

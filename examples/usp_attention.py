@@ -3,11 +3,14 @@
     torchrun --nproc-per-node 4 examples/usp_attention.py --ulysses-degree 2 --ring-degree 2
 
 Runs on CPU processes (gloo, the reference kernel, float32) or on GPUs (NCCL, bf16).
+Checks the output and the gradients dq, dk, dv against one-rank attention; exits 1 when
+any relative error exceeds ``--rtol``.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 import torch.distributed as dist
@@ -15,7 +18,7 @@ import torch.distributed as dist
 import usp_megatron as um
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ulysses-degree", type=int, default=2)
     parser.add_argument("--ring-degree", type=int, default=2)
@@ -24,6 +27,9 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument(
+        "--rtol", type=float, default=None, help="default 1e-4 in float32, 2e-2 in bf16"
+    )
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -44,27 +50,44 @@ def main() -> None:
 
     local = [um.shard_sequence(t, 1, groups, args.ring_impl).requires_grad_() for t in (q, k, v)]
     out = attn(*local, causal=True)
-    out.float().square().sum().backward()
+    out.float().square().sum().backward()  # the loss of the whole sequence is the sum over ranks
     full_out = um.gather_sequence(out.detach(), 1, groups, args.ring_impl)
 
+    full = [t.float().requires_grad_() for t in (q, k, v)]
     group = args.heads // args.kv_heads
     expected = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2).float(),
-        k.repeat_interleave(group, 2).transpose(1, 2).float(),
-        v.repeat_interleave(group, 2).transpose(1, 2).float(),
+        full[0].transpose(1, 2),
+        full[1].repeat_interleave(group, 2).transpose(1, 2),
+        full[2].repeat_interleave(group, 2).transpose(1, 2),
         is_causal=True,
     ).transpose(1, 2)
-    error = ((full_out.float() - expected).norm() / expected.norm()).item()
+    expected.to(dtype).float().square().sum().backward()
+
+    errors = {"out": _relative_error(full_out, expected.detach())}
+    for name, mine, theirs in zip(("dq", "dk", "dv"), local, full, strict=True):
+        # Each rank compares its own shard; the world's verdict is the worst rank's.
+        theirs_local = um.shard_sequence(theirs.grad, 1, groups, args.ring_impl)
+        errors[name] = _relative_error(mine.grad, theirs_local)
+    worst = torch.tensor(list(errors.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    rtol = args.rtol if args.rtol is not None else (1e-4 if dtype == torch.float32 else 2e-2)
+    ok = bool((worst <= rtol).all())
     if dist.get_rank() == 0:
+        found = ", ".join(f"{n} {e:.2e}" for n, e in zip(errors, worst.tolist(), strict=True))
         print(
             f"USP U={args.ulysses_degree} x R={args.ring_degree} ({args.ring_impl}, "
             f"kernel {um.get_kernel('auto', device, dtype).name}, {dtype}): "
-            f"{args.seq_len} tokens, {args.seq_len // groups.cp_size} per rank; "
-            f"output vs one-rank attention: relative error {error:.2e}; "
-            f"dq shard norm {local[0].grad.norm():.3f}"
+            f"{args.seq_len} tokens, {args.seq_len // groups.cp_size} per rank; relative error "
+            f"vs one-rank attention: {found} -> {'ok' if ok else 'MISMATCH'} (rtol {rtol:g})"
         )
     dist.destroy_process_group()
+    return 0 if ok else 1
+
+
+def _relative_error(mine: torch.Tensor, theirs: torch.Tensor) -> float:
+    theirs = theirs.float()
+    return ((mine.float() - theirs).norm() / theirs.norm().clamp_min(1e-30)).item()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

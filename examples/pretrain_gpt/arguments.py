@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from report import add_report_args
+
 from usp_megatron.megatron import add_usp_args
 
 
@@ -68,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     train.add_argument("--lr", type=float, default=3e-3)
     train.add_argument("--min-lr", type=float, default=3e-4)
-    train.add_argument("--lr-warmup-iters", type=int, default=3)
+    train.add_argument(
+        "--lr-warmup-iters", type=int, default=None, help="default 3, fewer for short runs"
+    )
     train.add_argument(
         "--lr-decay-iters", type=int, default=None, help="cosine decay length; default: all"
     )
@@ -96,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--save-interval", type=int, default=None)
     ckpt.add_argument("--load", default=None, help="directory to resume from (latest)")
     ckpt.add_argument("--history-json", default=None, help="write per-iteration metrics")
-    return parser
+    return add_report_args(parser)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -105,17 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.ffn_hidden_size = 4 * args.hidden_size
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
-    if args.lr_warmup_iters >= args.lr_decay_iters:
-        raise ValueError(
-            f"--lr-warmup-iters {args.lr_warmup_iters} must be below --lr-decay-iters "
-            f"(default --train-iters) {args.lr_decay_iters}"
-        )
+    if args.lr_warmup_iters is None:  # an explicit value is checked in preflight.py
+        args.lr_warmup_iters = max(0, min(3, args.lr_decay_iters - 1))
     args.hierarchical_context_parallel_sizes = None  # set from the --usp-* degrees
     if args.num_query_groups is None:
         args.num_query_groups = args.num_attention_heads
-    if args.save is not None and args.use_distributed_optimizer:
-        raise ValueError(
-            "this driver saves plain per-rank checkpoints: drop --use-distributed-optimizer "
-            "or --save"
-        )
     return args

@@ -18,11 +18,13 @@ import argparse
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import torch
 from arguments import parse_args
-from training import train, use_cuda
+from preflight import ConfigError, check_configuration, use_cuda
+from training import train
 
 from usp_megatron.testing import run_distributed
 
@@ -67,12 +69,38 @@ def config_flags(name: str, baseline_attention: str) -> list[str]:
     ]  # fmt: skip
 
 
-def run_world(runs: list[tuple[str, list[str]]]) -> dict[str, list[dict]]:
-    """Every run in this world, grouped so each parallel layout is built once."""
+def run_world(runs: list[tuple[str, list[str]]], smooth: int = 1) -> dict[str, list[dict]]:
+    """Every run in this world, grouped so each parallel layout is built once (``DP``
+    sorts first, so each run is compared with its baseline as soon as it ends)."""
     histories = {}
-    for name, argv in sorted(runs, key=lambda run: run[0].split("/")[1]):
+    ordered = sorted(runs, key=lambda run: run[0].split("/")[1])
+    for index, (name, argv) in enumerate(ordered, 1):
+        _progress(f"[{index:>2}/{len(ordered)}] {name}: started")
+        start = time.perf_counter()
         histories[name] = train(parse_args(argv))
+        line = f"[{index:>2}/{len(ordered)}] {name}: done in {time.perf_counter() - start:.1f} s"
+        base = histories.get(name.split("/")[0] + "/DP")
+        if base is not None and not name.endswith("/DP"):
+            deviation = {
+                key: max(
+                    rel_diff(
+                        moving_average([h[key] for h in histories[name]], smooth),
+                        moving_average([h[key] for h in base], smooth),
+                    )
+                )
+                for key in ("loss", "grad_norm")
+            }
+            line += (
+                f", max rel deviation from DP: loss {deviation['loss']:.2e}, "
+                f"grad norm {deviation['grad_norm']:.2e}"
+            )
+        _progress(line)
     return histories
+
+
+def _progress(line: str) -> None:
+    if torch.distributed.get_rank() == 0:
+        print(line, flush=True)
 
 
 def rel_diff(a: list[float], b: list[float]) -> list[float]:
@@ -175,11 +203,21 @@ def main() -> int:
         for config in ["DP", *model_configs]:
             flags = common + MODELS[model] + config_flags(config, baseline)
             runs.append((f"{model}/{config}", flags))
-    for _, argv in runs:
-        parse_args(argv)  # bad flags fail here, before any process starts
+    for name, argv in runs:  # bad flags fail here, before any process starts
+        try:
+            check_configuration(parse_args(argv), opts.world_size)
+        except ConfigError as error:
+            print(f"loss_parity.py: run {name}: {error}", file=sys.stderr)
+            return 1
     cuda = use_cuda(parse_args(common))
+    print(f"{len(runs)} runs on {opts.world_size} {'GPUs' if cuda else 'CPU processes'}")
     histories = run_distributed(
-        opts.world_size, run_world, runs, backend="nccl" if cuda else "gloo", timeout_s=3600
+        opts.world_size,
+        run_world,
+        runs,
+        opts.smooth,
+        backend="nccl" if cuda else "gloo",
+        timeout_s=3600,
     )[0]
     report = compare(histories, runs_of, opts.smooth)
     out = Path(opts.out)

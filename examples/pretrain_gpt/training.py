@@ -27,46 +27,29 @@ from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
+from preflight import Plan, check_configuration, use_cuda
+from report import Reporter, nothing_to_do
 
 from usp_megatron.megatron import (
-    apply_usp_args,
     get_batch_on_this_usp_rank,
     get_gpt_layer_usp_spec,
     install_cpu_shim,
     reset_model_parallel,
     use_usp_rotary_embedding,
-    validate_usp_args,
 )
 from usp_megatron.megatron.arguments import usp_enabled
 
 _LAYOUT: tuple | None = None
 
 
-def use_cuda(args: argparse.Namespace) -> bool:
-    return args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-
-
-def initialize(args: argparse.Namespace) -> None:
-    """Validate the parallel layout and build Megatron's groups for it (once per layout)."""
+def initialize(args: argparse.Namespace) -> Plan:
+    """Check the configuration (preflight.py) and build Megatron's groups for it (once per
+    layout)."""
     global _LAYOUT
+    plan = check_configuration(args, dist.get_world_size())
     if not use_cuda(args):
         install_cpu_shim(force=True)
-    apply_usp_args(args)
     tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
-    if dist.get_world_size() % (tp * cp):
-        raise ValueError(
-            f"world size {dist.get_world_size()} is not divisible by TP {tp} x CP {cp}"
-        )
-    args.data_parallel_size = dist.get_world_size() // (tp * cp)
-    if args.global_batch_size % (args.micro_batch_size * args.data_parallel_size):
-        raise ValueError(
-            f"--global-batch-size {args.global_batch_size} must be a multiple of "
-            f"--micro-batch-size {args.micro_batch_size} x data-parallel size "
-            f"{args.data_parallel_size}"
-        )
-    if args.megatron_attention and cp > 1:
-        raise ValueError("--megatron-attention needs context-parallel size 1 (no --usp-* degrees)")
-    validate_usp_args(args)
     hierarchical = [args.usp_ulysses_degree, args.usp_ring_degree] if usp_enabled(args) else None
     layout = (tp, cp, tuple(hierarchical or ()))
     if layout != _LAYOUT:
@@ -80,6 +63,7 @@ def initialize(args: argparse.Namespace) -> None:
         _LAYOUT = layout
     torch.manual_seed(args.seed)
     model_parallel_cuda_manual_seed(args.seed)
+    return plan
 
 
 def padded_vocab_size(args: argparse.Namespace) -> int:
@@ -155,7 +139,7 @@ def _forward_step(args: argparse.Namespace, data_iterator, model):
 
 def train(args: argparse.Namespace) -> list[dict]:
     """Train ``args.train_iters`` iterations; returns loss, grad norm and speed per iteration."""
-    initialize(args)
+    plan = initialize(args)
     config, model = build_model(args)
     ddp = DistributedDataParallel(
         config,
@@ -196,6 +180,10 @@ def train(args: argparse.Namespace) -> list[dict]:
     config.no_sync_func = ddp.no_sync
     # The scheduler's load_state_dict steps it by the saved count, from where it is now.
     first_iteration = load_checkpoint(args, ddp, optimizer, scheduler) if args.load else 0
+    if first_iteration >= args.train_iters:
+        if dist.get_rank() == 0:
+            print(nothing_to_do(args, first_iteration), flush=True)
+        return []
     if first_iteration == 0:
         scheduler.step(increment=1)  # iteration i trains with the learning rate of step i
 
@@ -212,6 +200,7 @@ def train(args: argparse.Namespace) -> list[dict]:
     num_micro = args.global_batch_size // (args.micro_batch_size * dp_size)
     forward_backward = get_forward_backward_func()
     history = []
+    reporter = Reporter(args, plan, padded_vocab_size(args), dist.get_rank())
     for iteration in range(first_iteration, args.train_iters):
         start = time.perf_counter()
         ddp.zero_grad_buffer()
@@ -233,30 +222,11 @@ def train(args: argparse.Namespace) -> list[dict]:
         if use_cuda(args):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        record = {
-            "iteration": iteration + 1,
-            "loss": float(totals[0] / totals[1]),
-            "grad_norm": float(grad_norm),
-            "lr": lr,
-            "seconds": seconds,
-            "tokens_per_s": args.global_batch_size * args.seq_length / seconds,
-        }
-        history.append(record)
-        if dist.get_rank() == 0 and (iteration + 1) % args.log_interval == 0:
-            _log(args, record)
+        loss = float(totals[0] / totals[1])
+        history.append(reporter.record(iteration + 1, loss, float(grad_norm), lr, seconds))
         if args.save and args.save_interval and (iteration + 1) % args.save_interval == 0:
             save_checkpoint(args, iteration + 1, ddp, optimizer, scheduler)
     if args.save and (not args.save_interval or args.train_iters % args.save_interval):
         save_checkpoint(args, args.train_iters, ddp, optimizer, scheduler)
+    reporter.close()
     return history
-
-
-def _log(args: argparse.Namespace, r: dict) -> None:
-    done = r["iteration"] / args.train_iters
-    eta = (args.train_iters - r["iteration"]) * r["seconds"]
-    print(
-        f"iter {r['iteration']:>5}/{args.train_iters} ({100 * done:5.1f}%) | "
-        f"loss {r['loss']:.6f} | grad norm {r['grad_norm']:.4f} | lr {r['lr']:.2e} | "
-        f"{r['tokens_per_s']:,.0f} tok/s | {r['seconds']:.2f} s/it | eta {eta:.0f}s",
-        flush=True,
-    )

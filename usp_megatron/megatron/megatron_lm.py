@@ -50,6 +50,18 @@ def _hooked(fn: Any) -> bool:
     return getattr(fn, _MARK, False)
 
 
+class USPArgumentError(ValueError):
+    """The plugin refused the ``--usp-*`` configuration: raised from the ``validate_args``
+    hook, so the launcher can tell it from every other error and print it once."""
+
+
+def _refuse_as_usp(check: Callable, args: argparse.Namespace) -> None:
+    try:
+        check(args)
+    except ValueError as error:
+        raise USPArgumentError(str(error)) from error
+
+
 def with_usp_args(extra_args_provider: Callable | None = None) -> Callable:
     """An ``extra_args_provider`` that adds the ``--usp-*`` flags, then the given one's."""
     if extra_args_provider is not None and _hooked(extra_args_provider):
@@ -69,9 +81,9 @@ def wrap_validate_args(validate_args: Callable) -> Callable:
 
     @functools.wraps(validate_args)
     def hooked(args: argparse.Namespace, *rest: Any, **kwargs: Any) -> Any:
-        apply_usp_args(args)
+        _refuse_as_usp(apply_usp_args, args)
         result = validate_args(args, *rest, **kwargs)
-        validate_usp_args(args)
+        _refuse_as_usp(validate_usp_args, args)
         return result
 
     return _mark(hooked)

@@ -1,0 +1,255 @@
+"""The GPT driver's first hour: bad configurations refused before anything is built, in one
+message and exit code 1; the banner, log line and summary; the FLOP count behind MFU; the
+Megatron-LM launcher's one-line refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from preflight_cases import EXAMPLE, refusals_in_train
+
+from usp_megatron.testing import run_distributed
+
+sys.path.insert(0, str(EXAMPLE))
+
+from arguments import parse_args  # noqa: E402
+from preflight import ConfigError, check_configuration  # noqa: E402
+from report import Reporter, banner, gpt_flops_per_iteration  # noqa: E402
+
+U2R2 = ["--usp-ulysses-degree", "2", "--usp-ring-degree", "2"]
+
+# (flags, world size, what the one message must say)
+REFUSED = [
+    (["--context-parallel-size", "4"], 4, "this driver's context parallelism is USP"),
+    (["--context-parallel-size", "4"], 4, "--usp-ulysses-degree 2 --usp-ring-degree 2"),
+    (U2R2, 6, "world size 6 is not a multiple of TP 1 x CP 4"),
+    (["--num-query-groups", "3"], 1, "--num-query-groups 3 must divide --num-attention-heads 8"),
+    (["--usp-ulysses-degree", "3"], 3, "must be divisible by the ulysses degree 3"),
+    (["--tensor-model-parallel-size", "2", "--num-query-groups", "1"], 2, "splits the key/va"),
+    ([*U2R2, "--seq-length", "100"], 4, "e.g. --seq-length 96 or 104"),
+    ([*U2R2, "--usp-attn-backend", "flash_attn"], 4, "flash_attn cannot run on cpu"),
+    (["--data-path", "/no/such/corpus"], 1, "--data-path /no/such/corpus: no /no/such/corpus.idx"),
+    (["--device", "cuda"], 1, "--device cuda, but this machine has no usable CUDA device"),
+    (["--lr-warmup-iters", "5", "--train-iters", "3"], 1, "--lr-warmup-iters 5 must be below"),
+    (["--global-batch-size", "3"], 2, "--global-batch-size 3 must be a multiple of"),
+    ([*U2R2, "--attention-dropout", "0.1"], 4, "attention_dropout (--attention-dropout) to 0.0"),
+    (["--megatron-attention", *U2R2], 4, "--megatron-attention runs Megatron's"),
+    (["--save", "ckpt", "--use-distributed-optimizer"], 1, "drop --use-distributed-optimizer"),
+]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU refusals (CUDA present here)")
+@pytest.mark.parametrize("flags, world_size, message", REFUSED)
+def test_bad_configuration_is_one_clear_message(flags, world_size, message):
+    with pytest.raises(ConfigError) as refused:
+        check_configuration(parse_args(flags), world_size)
+    text = str(refused.value)
+    assert message in text and "\n" not in text
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path):
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import (
+        IndexedDatasetBuilder,
+        get_bin_path,
+        get_idx_path,
+    )
+
+    prefix = str(tmp_path / "gpt2_tokens")
+    builder = IndexedDatasetBuilder(get_bin_path(prefix), dtype=np.uint16)
+    for doc in range(4):
+        builder.add_document(torch.arange(doc * 1000, doc * 1000 + 300), [300])
+    builder.finalize(get_idx_path(prefix))
+    data = ["--data-path", prefix]
+    with pytest.raises(ConfigError, match="token id 3299, beyond .* pass --vocab-size"):
+        check_configuration(parse_args(data), 1)
+    with pytest.raises(ConfigError, match="raise --vocab-size to at least 3300"):
+        check_configuration(parse_args([*data, "--vocab-size", "1000"]), 1)
+    with pytest.raises(ConfigError, match="fewer than one sample of --seq-length 4096"):
+        check_configuration(parse_args([*data, "--vocab-size", "4000", "--seq-length", "4096"]), 1)
+    plan = check_configuration(parse_args([*data, "--vocab-size", "4000"]), 1)
+    assert (plan.data.documents, plan.data.tokens, plan.data.vocab_size) == (4, 1200, 4000)
+
+
+def test_tensorboard_flag_without_the_package_is_refused(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "tensorboard" else find_spec(name)
+    )
+    with pytest.raises(ConfigError, match="pip install 'usp_megatron\\[tensorboard\\]'"):
+        check_configuration(parse_args(["--tensorboard-dir", "tb"]), 1)
+
+
+def test_default_warmup_fits_short_runs_explicit_one_is_checked():
+    assert parse_args(["--train-iters", "3"]).lr_warmup_iters == 2
+    assert parse_args(["--train-iters", "1"]).lr_warmup_iters == 0
+    assert parse_args([]).lr_warmup_iters == 3
+    check_configuration(parse_args(["--train-iters", "3"]), 1)
+    check_configuration(parse_args(["--train-iters", "3", "--lr-warmup-iters", "2"]), 1)
+
+
+def test_flop_formula_against_counting_every_matrix_multiply():
+    b, s, layers, h, a, g, f, v = 8, 4096, 24, 2048, 16, 8, 8192, 50304
+    d = h // a
+    per_token_and_layer = (
+        2 * h * (a * d + 2 * g * d)  # query, key and value projections
+        + 2 * a * d * h  # output projection
+        + 2 * (2 * a * d * (s / 2))  # Q K^T and (P V), causal: s / 2 keys per query on average
+        + 2 * (2 * h * f)  # MLP up and down
+    )
+    forward = b * s * (layers * per_token_and_layer + 2 * h * v)  # + the logits
+    expected = 3 * forward  # backward: gradients of the inputs and of the weights
+    formula = gpt_flops_per_iteration(
+        batch=b,
+        seq_length=s,
+        num_layers=layers,
+        hidden_size=h,
+        num_attention_heads=a,
+        num_query_groups=g,
+        ffn_hidden_size=f,
+        vocab_size=v,
+    )
+    assert formula == pytest.approx(expected, rel=1e-12)
+
+
+def test_banner_names_kernel_layout_and_heads_per_rank():
+    args = parse_args([*U2R2, "--num-query-groups", "2", "--seq-length", "64"])
+    text = banner(args, check_configuration(args, 8))
+    assert "TP 1 x CP 4 (USP: Ulysses U 2 x Ring R 2) x DP 2" in text
+    assert "kernel reference (auto on CPU" in text
+    assert "zigzag: rank c holds chunks c and 7-c of 8" in text
+    assert "rank 0 holds 0-7, 56-63" in text
+    assert "heads 4 query / 1 key-value (model: 8 / 2)" in text
+    assert "embedded corpus (Python's pydoc_data.topics, byte-level)" in text
+    assert "no MFU (no peak on CPU" in text
+
+
+def test_log_line_reports_tflops_mfu_and_memory(tmp_path):
+    args = parse_args(["--peak-tflops", "0.5", "--train-iters", "2"])
+    plan = check_configuration(args, 1)
+    reporter = Reporter(args, plan, padded_vocab_size=384, rank=0)
+    record = reporter.record(2, loss=5.0, grad_norm=1.0, lr=1e-3, seconds=0.5)
+    expected = reporter.flops / 0.5 / 1e12
+    assert record["tflops_per_gpu"] == pytest.approx(expected)
+    assert record["mfu"] == pytest.approx(expected / 0.5)
+    line = reporter.log_line(record)
+    assert f"{1e3 * expected:.3g} GFLOP/s/rank | MFU {100 * expected / 0.5:.1f}% | max RSS" in line
+
+
+def test_tensorboard_scalars_are_written(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = parse_args(["--tensorboard-dir", str(tmp_path), "--log-interval", "100"])
+    reporter = Reporter(args, check_configuration(args, 1), padded_vocab_size=384, rank=0)
+    for iteration in (1, 2):
+        reporter.record(iteration, loss=6.0 - iteration, grad_norm=1.0, lr=1e-3, seconds=0.1)
+    reporter.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [e.value for e in events.Scalars("lm loss")] == [5.0, 4.0]
+    for tag in ("grad-norm", "learning-rate", "throughput/tokens-per-sec"):
+        assert len(events.Scalars(tag)) == 2
+
+
+def test_train_refuses_in_a_gloo_world_before_building(tmp_path):
+    data = ["--data-cache-path", str(tmp_path / "data")]
+    argvs = [
+        [*data, "--num-query-groups", "3"],
+        [*data, "--context-parallel-size", "2"],
+        [*data, "--usp-ulysses-degree", "2", "--usp-attn-backend", "torch_cudnn"],
+    ]
+    per_rank = run_distributed(2, refusals_in_train, argvs, timeout_s=300)
+    assert per_rank[0] == per_rank[1]
+    assert "--num-query-groups 3 must divide" in per_rank[0][0]
+    assert "this driver's context parallelism is USP" in per_rank[0][1]
+    assert "torch_cudnn cannot run on cpu" in per_rank[0][2]
+
+
+def _run(cmd: list[str], cwd, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _torchrun(tmp_path, *flags: str) -> subprocess.CompletedProcess:
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", "2", str(EXAMPLE / "pretrain_gpt.py"),
+                "--data-cache-path", str(tmp_path / "data")]  # fmt: skip
+    return _run([*torchrun, *flags], tmp_path)
+
+
+def test_torchrun_refusal_is_one_message_and_exit_1(tmp_path):
+    done = _torchrun(tmp_path, "--context-parallel-size", "2")
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert out.count("pretrain_gpt.py: --context-parallel-size 2: this driver's") == 1, out
+    assert "[rank" not in out and 'pretrain_gpt.py", line' not in out, out  # no traceback
+    assert "USP GPT pretraining" not in out  # refused before the banner
+
+
+def test_three_iterations_banner_log_summary_then_nothing_to_do(tmp_path):
+    flags = ["--usp-ulysses-degree", "2", "--train-iters", "3", "--seq-length", "64",
+             "--global-batch-size", "4", "--save", str(tmp_path / "ckpt")]  # fmt: skip
+    done = _torchrun(tmp_path, *flags, "--history-json", str(tmp_path / "h.json"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "attention  kernel reference (auto on CPU" in out
+    assert "layout     zigzag: rank c holds chunks c and 3-c of 4" in out
+    assert "per rank   32 of 64 tokens" in out
+    assert out.count("GFLOP/s/rank | max RSS") == 3 and "iter     3/3 (100.0%)" in out
+    assert "done: 3 iterations in" in out and "(first iteration excluded); final loss" in out
+    assert f"wrote: history {tmp_path / 'h.json'}; checkpoint of iteration 3" in out
+    history = json.loads((tmp_path / "h.json").read_text())["history"]
+    assert [r["iteration"] for r in history] == [1, 2, 3]
+    assert all(r["tflops_per_gpu"] > 0 and r["peak_memory_bytes"] > 0 for r in history)
+
+    again = _torchrun(tmp_path, *flags, "--load", str(tmp_path / "ckpt"))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "nothing to do: the checkpoint in" in again.stdout and "iter " not in again.stdout
+
+
+def test_loss_parity_refuses_once_before_starting_processes(tmp_path):
+    script = [sys.executable, str(EXAMPLE / "loss_parity.py"), "--configs", "U2R2-zigzag",
+              "--out", str(tmp_path / "lp"), "--", "--num-query-groups", "3"]  # fmt: skip
+    refused = _run(script, tmp_path)
+    assert refused.returncode == 1
+    assert refused.stderr.count("must divide --num-attention-heads 8") == 1, refused.stderr
+    assert "runs on" not in refused.stdout  # no world was started
+
+
+def test_launcher_prints_the_plugins_refusal_once_and_exits_1(tmp_path, monkeypatch, capsys):
+    from usp_megatron.megatron import launch
+
+    monkeypatch.setattr(launch, "install", lambda add_flags: None)  # no Megatron-LM here
+    script = tmp_path / "pretrain_gpt.py"
+    script.write_text(
+        "import argparse\n"
+        "from usp_megatron.megatron.megatron_lm import wrap_validate_args\n"
+        "args = argparse.Namespace(usp_ulysses_degree=3, usp_ring_degree=1,\n"
+        "    usp_ring_impl='zigzag', context_parallel_size=1, num_attention_heads=16,\n"
+        "    tensor_model_parallel_size=1, seq_length=1024)\n"
+        "wrap_validate_args(lambda args: args)(args)\n"
+    )
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as exited:
+        launch.main([str(script)])
+    assert exited.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("usp_megatron: attention heads per tensor-parallel rank (16 / TP 1")
+    assert err.count("\n") == 1
+
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as exited:
+        launch.exit_refused("usp_megatron: refused", grace_s=0)
+    assert exited.value.code == 1 and capsys.readouterr().err == ""
+
+    script.write_text("raise ValueError('not the plugin')\n")  # other errors pass through
+    with pytest.raises(ValueError, match="not the plugin"):
+        launch.main([str(script)])
