@@ -26,7 +26,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path,
 
 from usp_megatron.kernels import available_backends, get_kernel
 from usp_megatron.kernels.flash_attn import flash_attn_importable
-from usp_megatron.layout import check_seq_len, sequence_multiple
+from usp_megatron.layout import get_layout
 from usp_megatron.megatron import apply_usp_args, validate_usp_args
 from usp_megatron.megatron.arguments import usp_enabled
 from usp_megatron.megatron.validation import check_heads
@@ -220,10 +220,11 @@ def _check_seq_length(args: argparse.Namespace) -> None:
     if not usp_enabled(args):
         return
     u, r, impl = args.usp_ulysses_degree, args.usp_ring_degree, args.usp_ring_impl
+    layout = get_layout(impl, u, r)
     try:
-        check_seq_len(args.seq_length, u, r, impl)
+        layout.check_seq_len(args.seq_length)
     except ValueError as error:
-        multiple = sequence_multiple(u, r, impl)
+        multiple = layout.sequence_multiple
         below = max(multiple, args.seq_length // multiple * multiple)
         above = below + multiple
         raise ConfigError(f"--seq-length: {error}; e.g. --seq-length {below} or {above}") from None

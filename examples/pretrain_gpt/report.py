@@ -15,7 +15,7 @@ import sys
 import torch
 from preflight import Plan
 
-from usp_megatron.attention import kv_heads_for_ulysses
+from usp_megatron.attention import head_split
 from usp_megatron.layout import local_positions
 from usp_megatron.megatron.arguments import usp_enabled
 
@@ -253,7 +253,8 @@ def banner(args: argparse.Namespace, plan: Plan) -> str:
         u, cp_text = 1, f"CP {cp}"
     q_tp = args.num_attention_heads // tp
     kv_tp = args.num_query_groups // tp
-    kv_rank = kv_heads_for_ulysses(q_tp, kv_tp, u) // u if u > 1 else kv_tp
+    split = head_split(q_tp, kv_tp, u)
+    q_rank, kv_rank = max(split.q_heads), max(split.kv_heads)  # the most loaded rank
     peak, peak_source = peak_tflops(args, plan.device)
     mfu = f"MFU against {peak:g} TFLOP/s ({peak_source})" if peak else f"no MFU ({peak_source})"
     data = plan.data
@@ -273,7 +274,7 @@ def banner(args: argparse.Namespace, plan: Plan) -> str:
         f"layout     {_layout(args)}",
         f"attention  kernel {plan.kernel} ({plan.kernel_reason})",
         f"per rank   {args.seq_length // cp} of {args.seq_length} tokens of each sequence; "
-        f"heads {q_tp // u} query / {kv_rank} key-value (model: {args.num_attention_heads} / "
+        f"heads {q_rank} query / {kv_rank} key-value (model: {args.num_attention_heads} / "
         f"{args.num_query_groups})",
         f"model      {args.num_layers} layers, hidden {args.hidden_size}, ffn "
         f"{args.ffn_hidden_size}, {args.position_embedding_type}, vocab {data.vocab_size}",
