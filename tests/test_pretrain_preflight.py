@@ -29,7 +29,7 @@ REFUSED = [
     (["--context-parallel-size", "4"], 4, "--usp-ulysses-degree 2 --usp-ring-degree 2"),
     (U2R2, 6, "world size 6 is not a multiple of TP 1 x CP 4"),
     (["--num-query-groups", "3"], 1, "--num-query-groups 3 must divide --num-attention-heads 8"),
-    (["--usp-ulysses-degree", "3"], 3, "must be divisible by the ulysses degree 3"),
+    (["--usp-ulysses-degree", "16"], 16, "ulysses degree 16 must be at most the attention heads"),
     (["--tensor-model-parallel-size", "2", "--num-query-groups", "1"], 2, "splits the key/va"),
     ([*U2R2, "--seq-length", "100"], 4, "e.g. --seq-length 96 or 104"),
     ([*U2R2, "--usp-attn-backend", "flash_attn"], 4, "flash_attn cannot run on cpu"),
@@ -233,7 +233,7 @@ def test_launcher_prints_the_plugins_refusal_once_and_exits_1(tmp_path, monkeypa
         "import argparse\n"
         "from usp_megatron.megatron.megatron_lm import wrap_validate_args\n"
         "args = argparse.Namespace(usp_ulysses_degree=3, usp_ring_degree=1,\n"
-        "    usp_ring_impl='zigzag', context_parallel_size=1, num_attention_heads=16,\n"
+        "    usp_ring_impl='zigzag', context_parallel_size=1, num_attention_heads=2,\n"
         "    tensor_model_parallel_size=1, seq_length=1024)\n"
         "wrap_validate_args(lambda args: args)(args)\n"
     )
@@ -242,7 +242,7 @@ def test_launcher_prints_the_plugins_refusal_once_and_exits_1(tmp_path, monkeypa
         launch.main([str(script)])
     assert exited.value.code == 1
     err = capsys.readouterr().err
-    assert err.startswith("usp_megatron: attention heads per tensor-parallel rank (16 / TP 1")
+    assert err.startswith("usp_megatron: the ulysses degree 3 must be at most the attention heads")
     assert err.count("\n") == 1
 
     monkeypatch.setenv("RANK", "1")
