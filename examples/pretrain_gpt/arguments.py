@@ -6,6 +6,7 @@ Defaults are the CPU demo: a tiny model that trains in a couple of minutes on 2 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 
 from usp_megatron.megatron import add_usp_args
 
@@ -94,9 +95,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.hierarchical_context_parallel_sizes = None  # set from the --usp-* degrees
     if args.num_query_groups is None:
         args.num_query_groups = args.num_attention_heads
-    if args.save is not None and args.use_distributed_optimizer:
+    # Without psutil, the writer processes of megatron-core's torch_dist format die at their
+    # start and the save waits for them forever.
+    if args.save is not None and importlib.util.find_spec("psutil") is None:
+        raise RuntimeError(
+            "--save needs psutil for megatron-core's checkpoint writer: pip install psutil"
+        )
+    # megatron-core's distributed optimizer checkpoints Adam's state only (main weights,
+    # exp_avg, exp_avg_sq): SGD's momentum would be lost without a word.
+    checkpointing = args.save is not None or args.load is not None
+    if checkpointing and args.use_distributed_optimizer and args.optimizer != "adam":
         raise ValueError(
-            "this driver saves plain per-rank checkpoints: drop --use-distributed-optimizer "
-            "or --save"
+            f"--use-distributed-optimizer checkpoints hold Adam's state only, not --optimizer "
+            f"{args.optimizer}'s: use --optimizer adam, or drop --use-distributed-optimizer"
         )
     return args
