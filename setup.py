@@ -16,7 +16,7 @@ setup(
     extras_require={
         "flash": ["flash-attn>=2.6"],
         "te": ["transformer-engine"],
-        "test": ["pytest>=8", "ruff==0.17.6", "matplotlib"],
+        "test": ["pytest>=8", "ruff==0.17.6", "matplotlib", "psutil"],
         "plot": ["matplotlib"],
         "tensorboard": ["tensorboard"],
     },

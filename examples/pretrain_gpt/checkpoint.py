@@ -1,7 +1,12 @@
-"""Plain per-rank checkpoints: every rank saves its own shard of model and optimizer state.
+"""Distributed checkpoints through megatron-core's ``dist_checkpointing`` (torch_dist format).
 
-``<save>/iter_0000020/rank_003.pt`` plus ``<save>/latest``. Resuming needs the same world
-size and parallel layout; the layout is stored and checked, so a mismatch fails clearly.
+``<save>/iter_0000020/`` holds every tensor once, with its place in the global tensor, and
+``<save>/latest`` names the newest. So a checkpoint written under one ``(TP, U, R, DP)``
+layout resumes under any other, on any number of ranks: USP shards no parameters,
+tensor-parallel shards are cut anew on load, and the distributed optimizer's state is saved
+in megatron-core's fully reshardable form. The model, the optimizer and the sample order
+must stay (``_RUN_KEYS``, checked before any tensor is read); the random streams resume
+exactly under the same layout only.
 """
 
 from __future__ import annotations
@@ -11,7 +16,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from megatron.core.utils import unwrap_model
 
+# The layout of a run: free to change on resume, but random streams follow it (see _rng).
 _LAYOUT_KEYS = (
     "tensor_model_parallel_size",
     "usp_ulysses_degree",
@@ -19,52 +30,208 @@ _LAYOUT_KEYS = (
     "usp_ring_impl",
     "data_parallel_size",
 )
+# What makes the resumed run the same run: the model's shapes and numerics, the optimizer
+# (its state's keys) and the sample order (global batch i is samples [i*G, (i+1)*G)).
+_RUN_KEYS = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "normalization",
+    "position_embedding_type",
+    "seq_length",
+    "vocab_size",
+    "bf16",
+    "optimizer",
+    "use_distributed_optimizer",
+    "global_batch_size",
+)
 
 
 def _layout(args: argparse.Namespace) -> dict:
     return {key: getattr(args, key) for key in _LAYOUT_KEYS} | {"world": dist.get_world_size()}
 
 
-def _rank_file(directory: str, iteration: int) -> Path:
-    return Path(directory) / f"iter_{iteration:07d}" / f"rank_{dist.get_rank():03d}.pt"
+def _describe(layout: dict) -> str:
+    return (
+        f"TP{layout['tensor_model_parallel_size']} x U{layout['usp_ulysses_degree']}"
+        f"R{layout['usp_ring_degree']} ({layout['usp_ring_impl']}) x "
+        f"DP{layout['data_parallel_size']} on {layout['world']} ranks"
+    )
+
+
+def _run(args: argparse.Namespace) -> dict:
+    return {key: getattr(args, key) for key in _RUN_KEYS}
+
+
+def _metadata(args: argparse.Namespace) -> dict:
+    """How megatron-core builds the sharded state dicts; stored with the checkpoint.
+
+    ``fully_reshardable`` saves the distributed optimizer's state as whole tensors, so it
+    loads under any layout (its default cuts it by data-parallel rank).
+    """
+    metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    if args.use_distributed_optimizer:
+        metadata["distrib_optim_sharding_type"] = "fully_reshardable"
+    return metadata
+
+
+def _rng(args: argparse.Namespace) -> ShardedObject:
+    """This rank's random streams (torch, the device's, Megatron's model-parallel tracker).
+
+    Kept per rank: they resume exactly under the same layout. Under another one, each rank
+    draws for other tokens and shards anyway (dropout), so they restart from ``--seed``.
+    """
+    state = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available() and args.device != "cpu":
+        state["cuda"] = torch.cuda.get_rng_state()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
+
+
+def _set_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _create_state(torch_optimizer: torch.optim.Optimizer, config: object = None) -> None:
+    """Create the state that torch's SGD and Adam make on their first step, as zeros.
+
+    A load needs somewhere to put the saved state. megatron-core creates it for Adam only
+    (``init_state_fn``; none for SGD, where loading then fails), and on CPU, without Apex
+    or TransformerEngine, the distributed optimizer asks torch's Adam for its step before
+    that.
+    """
+    for group in torch_optimizer.param_groups:
+        for param in group["params"]:
+            state = torch_optimizer.state[param]
+            if state:
+                continue
+            if isinstance(torch_optimizer, torch.optim.Adam):
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(param)
+                state["exp_avg_sq"] = torch.zeros_like(param)
+            elif group.get("momentum"):
+                state["momentum_buffer"] = torch.zeros_like(param)
+
+
+def _prepare_for_load(optimizer) -> None:
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if inner.init_state_fn is None:
+            inner.init_state_fn = _create_state
+        _create_state(inner.optimizer)
+
+
+def _load_optimizer(optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict``, with torch's Adam under the distributed optimizer fixed.
+
+    megatron-core's fully reshardable loader copies every per-parameter state tensor of
+    the inner optimizer from the checkpoint; torch's Adam (no Apex or TransformerEngine,
+    e.g. on CPU) keeps its step count among them, which the checkpoint holds in the
+    parameter groups instead. The step is set aside while the tensors load, and put back
+    as one tensor per parameter: megatron-core gives them all the same tensor, which
+    torch's Adam would then advance once per parameter on every step.
+    """
+    inners = getattr(optimizer, "chained_optimizers", [optimizer])
+    if len(inners) != 1 or state.get("param_state_sharding_type") != "fully_reshardable":
+        optimizer.load_state_dict(state)
+        return
+    inner = inners[0]
+    inner.load_state_dict({key: value for key, value in state.items() if key != "param_state"})
+    torch_state = inner.optimizer.state  # a new dict after loading
+    steps = {param: entry.pop("step") for param, entry in torch_state.items() if "step" in entry}
+    inner.load_parameter_state_from_fully_reshardable(state["param_state"])
+    for param, step in steps.items():
+        torch_state[param]["step"] = step.clone()
+
+
+def _sharded_state(model, optimizer, metadata: dict, loading: bool) -> dict:
+    metadata = metadata | {"dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
+    model_state = unwrap_model(model).sharded_state_dict(metadata=metadata)
+    optimizer_state = optimizer.sharded_state_dict(
+        model_state, is_loading=loading, metadata=metadata
+    )
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def _iteration_dir(directory: str, iteration: int) -> Path:
+    return Path(directory) / f"iter_{iteration:07d}"
 
 
 def save_checkpoint(args: argparse.Namespace, iteration: int, model, optimizer, scheduler) -> None:
-    path = _rank_file(args.save, iteration)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {
+    """Write ``<save>/iter_<iteration>`` from every rank, then point ``latest`` at it."""
+    path = _iteration_dir(args.save, iteration)
+    if dist.get_rank() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    metadata = _metadata(args)
+    state = _sharded_state(model, optimizer, metadata, loading=False)
+    state |= {
         "iteration": iteration,
         "layout": _layout(args),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "run": _run(args),
         "scheduler": scheduler.state_dict(),
-        "rng": torch.get_rng_state(),
+        "rng_state": _rng(args),
     }
-    torch.save(state, path)
-    dist.barrier()
+    dist_checkpointing.save(state, str(path), content_metadata=metadata)
     if dist.get_rank() == 0:
         (Path(args.save) / "latest").write_text(f"{iteration}\n")
         print(f"saved checkpoint of iteration {iteration} to {args.save}", flush=True)
+    dist.barrier()
+
+
+def _check_same_run(args: argparse.Namespace, path: Path, saved: dict) -> None:
+    for key, value in _run(args).items():
+        if saved.get(key) != value:
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(
+                f"checkpoint {path} was saved with {flag} {saved.get(key)}, this run has "
+                f"{value}: resume with {flag} {saved.get(key)} (what may change is the "
+                f"parallel layout: TP, --usp-* degrees and impl, data-parallel and world size)"
+            )
 
 
 def load_checkpoint(args: argparse.Namespace, model, optimizer, scheduler) -> int:
-    """Restore the latest checkpoint in ``args.load``; returns its iteration (0 if none)."""
+    """Restore the latest checkpoint in ``args.load`` under this run's layout.
+
+    Returns its iteration (0 if there is none).
+    """
     latest = Path(args.load) / "latest"
     if not latest.exists():
         if dist.get_rank() == 0:
             print(f"no checkpoint in {args.load}: starting from scratch", flush=True)
         return 0
     iteration = int(latest.read_text())
-    state = torch.load(_rank_file(args.load, iteration), map_location="cpu", weights_only=False)
-    if state["layout"] != _layout(args):
+    path = _iteration_dir(args.load, iteration)
+    if not dist_checkpointing.check_is_distributed_checkpoint(str(path)):
         raise ValueError(
-            f"checkpoint {args.load} was saved with layout {state['layout']}, this run has "
-            f"{_layout(args)}: resume with the same parallel flags and world size"
+            f"{path} holds no distributed checkpoint (no metadata.json; the per-rank files of "
+            f"this driver's earlier versions are not read): load a checkpoint saved by this "
+            f"version, or start without --load"
         )
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    _check_same_run(args, path, common["run"])
+    metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common)
+    _prepare_for_load(optimizer)
+    state = _sharded_state(model, optimizer, metadata, loading=True)
+    same_layout = common["layout"] == _layout(args)
+    if same_layout:
+        state["rng_state"] = _rng(args)
+    state = dist_checkpointing.load(state, str(path))
+    unwrap_model(model).load_state_dict(state["model"])
+    _load_optimizer(optimizer, state["optimizer"])
+    scheduler.load_state_dict(common["scheduler"])
+    if same_layout:
+        _set_rng(state["rng_state"])
     if dist.get_rank() == 0:
-        print(f"resumed from iteration {iteration} of {args.load}", flush=True)
+        moved = ""
+        if not same_layout:
+            moved = (
+                f", saved under {_describe(common['layout'])}, now {_describe(_layout(args))}"
+                f" (random streams restart from --seed)"
+            )
+        print(f"resumed from iteration {iteration} of {args.load}{moved}", flush=True)
     return iteration

@@ -239,10 +239,19 @@ def _check_schedule(args: argparse.Namespace) -> None:
             f"{args.lr_decay_iters} (default: --train-iters): lower the warmup, or leave it "
             "out (the default fits any --train-iters)"
         )
-    if args.save is not None and args.use_distributed_optimizer:
+    # Without psutil, the writer processes of megatron-core's torch_dist format die at their
+    # start and the save waits for them forever.
+    if args.save is not None and importlib.util.find_spec("psutil") is None:
         raise ConfigError(
-            "this driver saves plain per-rank checkpoints: drop --use-distributed-optimizer "
-            "or --save"
+            "--save needs psutil for megatron-core's checkpoint writer: pip install psutil"
+        )
+    # megatron-core's distributed optimizer checkpoints Adam's state only (main weights,
+    # exp_avg, exp_avg_sq): SGD's momentum would be lost without a word.
+    checkpointing = args.save is not None or args.load is not None
+    if checkpointing and args.use_distributed_optimizer and args.optimizer != "adam":
+        raise ConfigError(
+            f"--use-distributed-optimizer checkpoints hold Adam's state only, not --optimizer "
+            f"{args.optimizer}'s: use --optimizer adam, or drop --use-distributed-optimizer"
         )
 
 

@@ -1,0 +1,52 @@
+"""The GPT example's checkpoints move between parallel layouts: saved under U2R2 on 4 gloo
+ranks and resumed under U4R1, U1R4, DP4 and TP2 x U2 (SGD, plain optimizer) or TP2 x DP2
+and DP4 (Adam, distributed optimizer), the next iterations match a run that never
+stopped. One world runs every case (float32, tiny model)."""
+
+from __future__ import annotations
+
+import pytest
+from checkpoint_cases import RESUMED, SAVED_AT, resume_across_layouts
+
+from usp_megatron.testing import run_distributed
+
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict:
+    directory = tmp_path_factory.mktemp("checkpoints")
+    per_rank = run_distributed(4, resume_across_layouts, str(directory), timeout_s=300)
+    assert all(r == per_rank[0] for r in per_rank[1:]), "ranks disagree on the metrics"
+    return per_rank[0]
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= RTOL * abs(b)
+
+
+@pytest.mark.parametrize("run", RESUMED)
+def test_resume_continues_the_uninterrupted_run(results, run):
+    optimizer = run.split("/")[0]
+    straight, saved, resumed = (
+        results[f"{optimizer}/straight"],
+        results[f"{optimizer}/saved"],
+        results[run],
+    )
+    assert saved == straight[:SAVED_AT]
+    assert [it for it, _, _ in resumed] == [it for it, _, _ in straight[SAVED_AT:]]
+    for (it, loss, norm), (_, want_loss, want_norm) in zip(
+        resumed, straight[SAVED_AT:], strict=True
+    ):
+        assert _close(loss, want_loss), f"{run} iteration {it}: loss {loss} vs {want_loss}"
+        assert _close(norm, want_norm), f"{run} iteration {it}: grad norm {norm} vs {want_norm}"
+    # A load that did nothing would continue from fresh weights: far from the trained loss.
+    fresh_loss = straight[0][1]
+    assert abs(resumed[0][1] - fresh_loss) > 1000 * RTOL * fresh_loss, f"{run} did not load"
+
+
+def test_resume_refuses_another_model_or_optimizer(results):
+    refused = results["refused"]
+    assert "--hidden-size 64" in refused["model"] and "this run has 32" in refused["model"]
+    assert "--use-distributed-optimizer True" in refused["optimizer"]
+    assert "Adam's state only" in refused["sgd state"]
