@@ -36,7 +36,7 @@ from usp_megatron.megatron.validation import check_heads
 MAX_TOKENS_SCANNED = 1 << 24
 
 
-class ConfigError(Exception):
+class ConfigError(ValueError):
     """A configuration the driver refuses; the message names the value and the fix."""
 
 
