@@ -65,10 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--budget-s", type=float, default=540.0,
-                   help="start no case after this many seconds (the device call limit is 600)")
+                   help="start no case after this many seconds (the default keeps a run "
+                        "under 10 minutes)")
     p.add_argument("--nccl-timeout-s", type=float, default=300.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=os.environ.get("OUT") or "bench_out")
+    p.add_argument("--out", default=os.environ.get("RESULTS_DIR") or os.environ.get("OUT")
+                   or "bench_out", help="output folder; $RESULTS_DIR, when set, is the default")
     a = p.parse_args(argv)
 
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")

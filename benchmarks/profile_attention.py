@@ -54,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                    help="cpu: gloo, float32, a smoke run of the script (timings meaningless)")
-    p.add_argument("--out", default=os.environ.get("OUT") or "profile_out")
+    p.add_argument("--out", default=os.environ.get("RESULTS_DIR") or os.environ.get("OUT")
+                   or "profile_out", help="output folder (default: $RESULTS_DIR, else profile_out)")
     args = p.parse_args(argv)
     args.torch_dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     args.backends = args.backends.split(",")

@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
-# The GPU suite, run on the device machine from the repository root:
+# The GPU suite, run on a machine with NVIDIA GPUs from the repository root:
 #
-#   bash benchmarks/run_gpu_suite.sh [STEP ...] [-- BENCH_ARGS ...]
+#   [RESULTS_DIR=DIR] [WHEELS_DIR=DIR] [SUITE_BUDGET_S=S] \
+#     bash benchmarks/run_gpu_suite.sh [STEP ...] [-- BENCH_ARGS ...]
 #
 # STEP: tests (pytest -m gpu), bench2, bench4 (benchmarks/bench_attention.py on 2 or 4
 # GPUs; any benchN works). Default: tests bench4. BENCH_ARGS go to every benchmark step.
-# Outputs, at most 7 files one folder deep: $OUT/pytest.log, $OUT/nN/bench.{json,png,log}.
-# Wheels carried in .whl/ (YunChang) are installed into /tmp/site first. A step starts only
-# while SUITE_BUDGET_S (default 570) leaves room, and each benchmark gets what is left as
-# its --budget-s, so the whole call ends inside the device tool's 10-minute limit.
+# Outputs go to RESULTS_DIR (default runs/gpu_suite): RESULTS_DIR/pytest.log,
+# RESULTS_DIR/nN/bench.{json,png,log}.
+# Wheels in WHEELS_DIR (default wheels/, git-ignored; e.g. YunChang) are installed offline
+# into /tmp/site first. A step starts only while SUITE_BUDGET_S (default 570) leaves room,
+# and each benchmark gets what is left as its --budget-s, so the whole suite ends within
+# about SUITE_BUDGET_S seconds (the default keeps it under 10 minutes). Relative paths in
+# RESULTS_DIR and WHEELS_DIR are taken from the repository root.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 
-OUT=${OUT:-$PWD/gpu_out}
+RESULTS_DIR=${RESULTS_DIR:-${OUT:-$PWD/runs/gpu_suite}}
+WHEELS_DIR=${WHEELS_DIR:-wheels}
 BUDGET_S=${SUITE_BUDGET_S:-570}
-# NVLink multicast stays off on the shared hosts (the device machines' own rule).
+# NCCL_NVLS_ENABLE=0 (with the two settings after it) keeps NVLink SHARP/multicast off.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1
 
@@ -31,9 +36,9 @@ while (($#)); do
 done
 ((${#steps[@]})) || steps=(tests bench4)
 
-if compgen -G ".whl/*.whl" >/dev/null; then
+if compgen -G "$WHEELS_DIR/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
+    --target /tmp/site "$WHEELS_DIR"/*.whl || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -41,14 +46,14 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi -L
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
       "gpus", torch.cuda.device_count())'
-mkdir -p "$OUT"
+mkdir -p "$RESULTS_DIR"
 
 status=0
 for step in "${steps[@]}"; do
   case $step in
     tests)
       echo "== pytest -m gpu tests ($SECONDS s into the suite)"
-      python3 -m pytest -m gpu tests -q 2>&1 | tee "$OUT/pytest.log" || status=1
+      python3 -m pytest -m gpu tests -q 2>&1 | tee "$RESULTS_DIR/pytest.log" || status=1
       ;;
     bench[1-9]*)
       n=${step#bench}
@@ -60,7 +65,7 @@ for step in "${steps[@]}"; do
       fi
       echo "== benchmark on $n GPUs, budget ${left} s ($SECONDS s into the suite)"
       python3 -m torch.distributed.run --standalone --nproc-per-node "$n" \
-        benchmarks/bench_attention.py --out "$OUT/n$n" --budget-s "$left" "${bench_args[@]}" \
+        benchmarks/bench_attention.py --out "$RESULTS_DIR/n$n" --budget-s "$left" "${bench_args[@]}" \
         || status=1
       ;;
     *)

@@ -7,8 +7,8 @@
   a peer does not support) is recorded with its reason and the sweep goes on. Failures
   must be symmetric across ranks (the same shapes fail everywhere); a rank failing alone
   inside a collective would leave the others waiting until the NCCL timeout.
-- A time budget skips the remaining cases (recorded as skipped) so that one device call
-  never runs past its limit; the JSON is rewritten after every sequence length.
+- A time budget skips the remaining cases (recorded as skipped) so that a run ends within
+  the time given to it; the JSON is rewritten after every sequence length.
 """
 
 from __future__ import annotations
