@@ -39,7 +39,7 @@ REFUSED = [
     (["--global-batch-size", "3"], 2, "--global-batch-size 3 must be a multiple of"),
     ([*U2R2, "--attention-dropout", "0.1"], 4, "attention_dropout (--attention-dropout) to 0.0"),
     (["--megatron-attention", *U2R2], 4, "--megatron-attention runs Megatron's"),
-    (["--save", "ckpt", "--use-distributed-optimizer"], 1, "drop --use-distributed-optimizer"),
+    (["--save", "ckpt", "--use-distributed-optimizer", "--optimizer", "sgd"], 1, "Adam's state"),
 ]
 
 
