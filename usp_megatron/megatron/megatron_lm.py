@@ -10,7 +10,9 @@ running the script). It replaces, each in the one place Megatron-LM looks it up:
   ``[U, R]`` before Megatron's own checks, and USP's checks run after them;
 - the ``core_attention()`` of the local and TransformerEngine spec providers, which every
   GPT spec builder (dense, MoE, MTP) asks for its core attention;
-- ``get_batch_on_this_cp_rank`` in ``megatron.training.utils`` (the batch split);
+- ``get_batch_on_this_cp_rank`` in ``megatron.training.utils`` (the batch split), and
+  ``get_thd_batch_on_this_cp_rank`` in ``megatron.core.utils`` (the packed-documents
+  split, which ``pretrain_gpt.py`` imports by name and which needs TransformerEngine);
 - the ``RotaryEmbedding`` that ``GPTModel`` builds (the RoPE slice of stripe and basic).
 
 Every hook reads the flags from Megatron-LM's own ``get_args()`` when it runs, and is a
@@ -32,7 +34,10 @@ from usp_megatron.megatron.arguments import (
     usp_enabled,
     validate_usp_args,
 )
-from usp_megatron.megatron.batch import get_batch_on_this_usp_rank
+from usp_megatron.megatron.batch import (
+    get_batch_on_this_usp_rank,
+    get_thd_batch_on_this_usp_rank,
+)
 from usp_megatron.megatron.rope import USPRotaryEmbedding
 from usp_megatron.megatron.specs import usp_core_attention
 
@@ -120,6 +125,29 @@ def wrap_batch_split(get_batch_on_this_cp_rank: Callable, get_args: Callable) ->
     return _mark(hooked)
 
 
+def wrap_thd_batch_split(get_thd_batch_on_this_cp_rank: Callable, get_args: Callable) -> Callable:
+    """Megatron's packed-documents (THD) batch split, or USP's: the same indices, without
+    TransformerEngine, and THD is zigzag's (stripe and basic are refused there)."""
+    if _hooked(get_thd_batch_on_this_cp_rank):
+        return get_thd_batch_on_this_cp_rank
+
+    @functools.wraps(get_thd_batch_on_this_cp_rank)
+    def hooked(
+        batch: dict, cu_seqlens: Any, cu_seqlens_padded: Any, max_seqlen: Any, *rest: Any,
+        **kwargs: Any,
+    ) -> tuple:  # fmt: skip
+        args = get_args()
+        if not usp_enabled(args):
+            return get_thd_batch_on_this_cp_rank(
+                batch, cu_seqlens, cu_seqlens_padded, max_seqlen, *rest, **kwargs
+            )
+        return get_thd_batch_on_this_usp_rank(
+            batch, cu_seqlens, cu_seqlens_padded, max_seqlen, ring_impl=args.usp_ring_impl
+        )
+
+    return _mark(hooked)
+
+
 def wrap_rotary_embedding(rotary_embedding: type, get_args: Callable) -> Callable:
     """What ``GPTModel`` calls to build its RoPE: USP's slice for stripe and basic."""
     if _hooked(rotary_embedding):
@@ -152,6 +180,7 @@ def install(add_flags: bool = False) -> None:
     training_utils = _module("megatron.training.utils")
     global_vars = _module("megatron.training.global_vars")
     gpt_model = _module("megatron.core.models.gpt.gpt_model")
+    core_utils = _module("megatron.core.utils")
     backends = _module("megatron.core.models.backends")
     get_args = global_vars.get_args
 
@@ -172,4 +201,8 @@ def install(add_flags: bool = False) -> None:
     training_utils.get_batch_on_this_cp_rank = wrap_batch_split(
         training_utils.get_batch_on_this_cp_rank, get_args
     )
+    if hasattr(core_utils, "get_thd_batch_on_this_cp_rank"):
+        core_utils.get_thd_batch_on_this_cp_rank = wrap_thd_batch_split(
+            core_utils.get_thd_batch_on_this_cp_rank, get_args
+        )
     gpt_model.RotaryEmbedding = wrap_rotary_embedding(gpt_model.RotaryEmbedding, get_args)
