@@ -15,7 +15,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 from checkpoint import load_checkpoint, save_checkpoint
-from data import build_dataset, micro_batches, tokenizer_for
+from data import build_dataset, micro_batches, pack_documents, tokenizer_for
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -32,6 +32,7 @@ from usp_megatron.megatron import (
     apply_usp_args,
     get_batch_on_this_usp_rank,
     get_gpt_layer_usp_spec,
+    get_thd_batch_on_this_usp_rank,
     install_cpu_shim,
     reset_model_parallel,
     use_usp_rotary_embedding,
@@ -143,13 +144,27 @@ def _loss(loss_mask: torch.Tensor, output: torch.Tensor):
     return loss, num_tokens, {"lm loss": report}
 
 
-def _forward_step(args: argparse.Namespace, data_iterator, model):
+_PACKING = ("cu_seqlens", "cu_seqlens_padded", "max_seqlen")
+
+
+def _forward_step(args: argparse.Namespace, documents: list[int], data_iterator, model):
     batch = next(data_iterator)
     if use_cuda(args):
         batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
-    if args.context_parallel_size > 1:
+    packed_seq_params = None
+    if "cu_seqlens" in batch:
+        documents.append(batch["cu_seqlens"].shape[-1] - 1)
+        packing = [batch.pop(key) for key in _PACKING]
+        if args.document_mask:
+            batch, packed_seq_params = get_thd_batch_on_this_usp_rank(
+                batch, *packing, ring_impl=args.usp_ring_impl
+            )
+    if packed_seq_params is None and args.context_parallel_size > 1:
         batch = get_batch_on_this_usp_rank(batch, ring_impl=args.usp_ring_impl)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    output = model(
+        batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+        packed_seq_params=packed_seq_params,
+    )  # fmt: skip
     return output, partial(_loss, batch["loss_mask"])
 
 
@@ -201,6 +216,10 @@ def train(args: argparse.Namespace) -> list[dict]:
 
     dp_size = args.data_parallel_size
     dataset = build_dataset(args, args.train_iters * args.global_batch_size)
+    pack = None
+    if args.pack_documents:
+        multiple = args.pack_pad_multiple or 2 * args.context_parallel_size
+        pack = partial(pack_documents, eod=tokenizer_for(args).eod, multiple=multiple)
     data = micro_batches(
         dataset,
         args.global_batch_size,
@@ -208,6 +227,7 @@ def train(args: argparse.Namespace) -> list[dict]:
         ps.get_data_parallel_rank(),
         dp_size,
         first_iteration,
+        pack,
     )
     num_micro = args.global_batch_size // (args.micro_batch_size * dp_size)
     forward_backward = get_forward_backward_func()
@@ -216,8 +236,9 @@ def train(args: argparse.Namespace) -> list[dict]:
         start = time.perf_counter()
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
+        documents: list[int] = []  # per packed sample of this rank
         reports = forward_backward(
-            forward_step_func=partial(_forward_step, args),
+            forward_step_func=partial(_forward_step, args, documents),
             data_iterator=data,
             model=[ddp],
             num_microbatches=num_micro,
@@ -241,6 +262,8 @@ def train(args: argparse.Namespace) -> list[dict]:
             "seconds": seconds,
             "tokens_per_s": args.global_batch_size * args.seq_length / seconds,
         }
+        if documents:
+            record["documents_per_sample"] = sum(documents) / len(documents)
         history.append(record)
         if dist.get_rank() == 0 and (iteration + 1) % args.log_interval == 0:
             _log(args, record)
@@ -257,6 +280,8 @@ def _log(args: argparse.Namespace, r: dict) -> None:
     print(
         f"iter {r['iteration']:>5}/{args.train_iters} ({100 * done:5.1f}%) | "
         f"loss {r['loss']:.6f} | grad norm {r['grad_norm']:.4f} | lr {r['lr']:.2e} | "
-        f"{r['tokens_per_s']:,.0f} tok/s | {r['seconds']:.2f} s/it | eta {eta:.0f}s",
+        f"{r['tokens_per_s']:,.0f} tok/s | {r['seconds']:.2f} s/it | eta {eta:.0f}s"
+        + (f" | {r['documents_per_sample']:.1f} documents/sample" if "documents_per_sample" in r
+           else ""),
         flush=True,
     )

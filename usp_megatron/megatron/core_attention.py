@@ -46,12 +46,17 @@ def _thd_documents(packed_seq_params: Any) -> tuple[torch.Tensor, torch.Tensor |
             f"qkv_format={packed_seq_params.qkv_format!r}; pass packed_seq_params=None otherwise"
         )
     params = packed_seq_params
-    for name in ("cu_seqlens", "cu_seqlens_padded"):
-        q_side, kv_side = getattr(params, name + "_q"), getattr(params, name + "_kv")
-        if kv_side is not None and q_side is not kv_side and not torch.equal(q_side, kv_side):
+    for q_name, kv_name in (
+        ("cu_seqlens_q", "cu_seqlens_kv"),
+        ("cu_seqlens_q_padded", "cu_seqlens_kv_padded"),
+    ):
+        q_side, kv_side = getattr(params, q_name), getattr(params, kv_name)
+        if kv_side is None or q_side is kv_side:
+            continue
+        if q_side is None or not torch.equal(q_side, kv_side):
             raise ValueError(
-                f"USP attention is self-attention: {name}_q and {name}_kv must be equal, got "
-                f"{q_side.tolist()} and {kv_side.tolist()}"
+                f"USP attention is self-attention: {q_name} and {kv_name} must be equal, got "
+                f"{q_side} and {kv_side}"
             )
     return params.cu_seqlens_q, params.cu_seqlens_q_padded
 
