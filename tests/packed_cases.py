@@ -44,7 +44,9 @@ def cumulative(lengths: list[int]) -> list[int]:
     return [0, *itertools.accumulate(lengths)]
 
 
-def run_packed_case(groups, real_lens, causal, heads, dtype, backend="reference", head_dim=8):
+def run_packed_case(
+    groups, real_lens, causal, heads, dtype, backend="reference", head_dim=8, device="cpu"
+):
     hq, hkv = heads
     cp = groups.cp_size
     cu = cumulative(real_lens)
@@ -52,8 +54,8 @@ def run_packed_case(groups, real_lens, causal, heads, dtype, backend="reference"
     seq_len = cu_padded[-1]
     gen = torch.Generator().manual_seed(seq_len + 7 * hq + hkv + int(causal))
     f64 = dict(generator=gen, dtype=torch.float64)
-    q, dout = (torch.randn(1, seq_len, hq, head_dim, **f64) for _ in range(2))
-    k, v = (torch.randn(1, seq_len, hkv, head_dim, **f64) for _ in range(2))
+    q, dout = (torch.randn(1, seq_len, hq, head_dim, **f64).to(device) for _ in range(2))
+    k, v = (torch.randn(1, seq_len, hkv, head_dim, **f64).to(device) for _ in range(2))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = document_attention_float64(*leaves, cu, cu_padded, causal)
     ref.backward(dout)
@@ -71,7 +73,7 @@ def run_packed_case(groups, real_lens, causal, heads, dtype, backend="reference"
     attn = LongContextAttention(groups, backend=backend)
     out = attn(*mine, causal=causal, cu_seqlens=cu_t, cu_seqlens_padded=cu_padded_t)
     out.backward(local(dout).to(dtype))
-    real = local(real_token, 0)
+    real = local(real_token, 0).to(device)
     got = {"out": out, "dq": mine[0].grad, "dk": mine[1].grad, "dv": mine[2].grad}
     want = {"out": ref, "dq": leaves[0].grad, "dk": leaves[1].grad, "dv": leaves[2].grad}
     errors = {}
@@ -89,9 +91,14 @@ def run_packed_case(groups, real_lens, causal, heads, dtype, backend="reference"
     return errors
 
 
-def run_packed_cases(dtype_name: str = "float32", backend: str = "reference"):
+def run_packed_cases(
+    dtype_name: str = "float32", backend: str = "reference", device_kind: str = "cpu"
+):
     """Every (U, R) x document config x causal x heads; returns [(case, errors)]."""
     dtype = getattr(torch, dtype_name)
+    device = torch.device("cpu")
+    if device_kind == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
     results = []
     for ulysses, ring in factorizations(dist.get_world_size()):
         groups = init_usp_groups(ulysses, ring)
@@ -100,7 +107,10 @@ def run_packed_cases(dtype_name: str = "float32", backend: str = "reference"):
         ):
             if not causal and heads != (4, 4):
                 continue
-            errors = run_packed_case(groups, lens, causal, heads, dtype, backend)
+            errors = run_packed_case(
+                groups, lens, causal, heads, dtype, backend, 64 if device.type == "cuda" else 8,
+                device,
+            )
             case = f"U{ulysses}xR{ring} {name} {lens} causal={causal} (hq, hkv)={heads}"
             results.append((case, errors))
     return results

@@ -128,6 +128,61 @@ def _failures(per_rank, tol):
     ]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_packed_documents_bf16_nccl(world_size):
+    if torch.cuda.device_count() < world_size:
+        pytest.skip(f"needs {world_size} GPUs, found {torch.cuda.device_count()}")
+    per_rank = run_distributed(
+        world_size, run_packed_cases, "bfloat16", "torch", "cuda", backend="nccl", timeout_s=300
+    )
+    failures = _failures(per_rank, 1e-2)
+    assert not failures, "\n".join(failures[:20])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_flash_kernel_matches_reference_on_every_ring_block_pair(causal):
+    """PyTorch's varlen flash op against the reference kernel on the document masks of
+    every ring block pair (off-diagonal ones too, which one GPU's USP never forms)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    from usp_megatron.kernels import get_kernel
+
+    layout, cu_padded = _layout(1, 4, [1, 70, 3, 129, 33])
+    block_len = int(cu_padded[-1]) // 4
+    flash = get_kernel("torch", "cuda", torch.bfloat16, documents=True)
+    reference = get_kernel("reference", "cuda", torch.float32)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    problems = []
+    for r in range(4):
+        for kv_rank in range(4):
+            for task in layout.block_tasks(r, kv_rank, block_len, causal):
+                q, dout = (torch.randn(1, block_len, 8, 64, device="cuda", generator=gen)
+                           for _ in range(2))  # fmt: skip
+                k, v = (torch.randn(1, block_len, 2, 64, device="cuda", generator=gen)
+                        for _ in range(2))  # fmt: skip
+                q, k, v, dout = (t.bfloat16() for t in (q, k, v, dout))
+                out, lse = flash.forward(q, k, v, task.mask, 0.125)
+                grads = flash.backward(dout, q, k, v, out, lse, task.mask, 0.125)
+                want_out, want_lse = reference.forward(
+                    *(t.float() for t in (q, k, v)), task.mask, 0.125
+                )
+                want_grads = reference.backward(
+                    *(t.float() for t in (dout, q, k, v)), want_out, want_lse, task.mask, 0.125
+                )
+                pairs = [("out", out, want_out), ("lse", lse, want_lse)]
+                pairs += list(zip(("dq", "dk", "dv"), grads, want_grads))
+                for name, got, want in pairs:
+                    got, want = got.float(), want.float()
+                    finite = torch.isfinite(want)
+                    same_inf = torch.equal(torch.isinf(got), torch.isinf(want))
+                    err = (got[finite] - want[finite]).norm() / want[finite].norm().clamp_min(1)
+                    if not same_inf or err > 2e-2:
+                        problems.append(f"r={r} kv={kv_rank} {name}: {err:.3g} inf ok={same_inf}")
+    assert not problems, "\n".join(problems[:20])
+
+
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_packed_documents_match_float64_document_attention(world_size):
     per_rank = run_distributed(world_size, run_packed_cases, "float32", "reference", timeout_s=300)
