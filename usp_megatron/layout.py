@@ -351,6 +351,7 @@ class PackedZigzagLayout(SequenceLayout):
         self.padded_lens, self.real_lens = tuple(padded), tuple(real)
         self._tasks: dict[tuple[int, int, bool], tuple[BlockTask, ...]] = {}
         self._steps: dict[bool, int] = {}
+        self._staging_rows_on: dict[torch.device, torch.Tensor] = {}
 
     def __repr__(self) -> str:
         return (
@@ -395,6 +396,12 @@ class PackedZigzagLayout(SequenceLayout):
         block = self.ring_block_positions(self.seq_len, 0)
         held = torch.cat([self.positions(self.seq_len, u, 0) for u in range(self.ulysses_degree)])
         return torch.searchsorted(block, held)
+
+    def staging_rows_on(self, device: torch.device) -> torch.Tensor:
+        """:attr:`staging_rows` on ``device``, copied there once."""
+        if device not in self._staging_rows_on:
+            self._staging_rows_on[device] = self.staging_rows.to(device)
+        return self._staging_rows_on[device]
 
     def _halves(self, ring_rank: int) -> list[tuple[int, int, int, int]]:
         """Per document: (first row in the ring block, rows per half, real rows of ``A_n``,
@@ -519,6 +526,15 @@ def packed_layout(
             )
     if padded[-1] == 0:
         raise ValueError(f"cu_seqlens_padded {padded} holds no tokens")
+    return _packed_zigzag_layout(ulysses_degree, ring_degree, padded, real)
+
+
+@functools.lru_cache(maxsize=64)
+def _packed_zigzag_layout(
+    ulysses_degree: int, ring_degree: int, padded: tuple[int, ...], real: tuple[int, ...]
+) -> PackedZigzagLayout:
+    """One layout object per packing: every layer of a model (and the batch split) asks for
+    the same one, whose block tasks and all-to-all index are then computed once."""
     return PackedZigzagLayout(ulysses_degree, ring_degree, padded, real)
 
 

@@ -38,7 +38,7 @@ def packed_seq_to_heads_start(
     staging = torch.empty_like(send)  # [source rank, s, b, h, d]
     works = [dist.all_to_all_single(staging, send, group=group, async_op=True)]
     block = send.new_empty(degree * s, b, total, d)  # the ring block, seq-major
-    rows = layout.staging_rows.to(send.device)
+    rows = layout.staging_rows_on(send.device)
     result, start = [], 0
     for h in heads:
         # [U*s, b, h, d] -> [b, U*s, h, d]
@@ -65,7 +65,7 @@ def packed_heads_to_seq_start(
     s = block_len // degree
     heads = [t.shape[2] for t in tensors]
     total = sum(heads)
-    rows = layout.staging_rows.to(tensors[0].device)
+    rows = layout.staging_rows_on(tensors[0].device)
     send = tensors[0].new_empty(block_len, b, total, d)  # [U*s (destination-major), b, h, d]
     start = 0
     for t, h in zip(tensors, heads):
