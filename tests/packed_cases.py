@@ -113,4 +113,30 @@ def run_packed_cases(
             )
             case = f"U{ulysses}xR{ring} {name} {lens} causal={causal} (hq, hkv)={heads}"
             results.append((case, errors))
+        results.append((f"U{ulysses}xR{ring} refusals", packed_refusals(groups)))
     return results
+
+
+def packed_refusals(groups) -> dict[str, float]:
+    """0.0 for each bad call refused with a ValueError saying why, inf otherwise."""
+    cp = groups.cp_size
+    cu = torch.tensor([0, 2 * cp, 4 * cp], dtype=torch.int32)
+    x = torch.randn(1, 4, 2 * groups.ulysses_degree, 8)
+    calls = {
+        "stripe": (dict(ring_impl="stripe"), dict(cu_seqlens=cu), "need ring_impl='zigzag'"),
+        "window": ({}, dict(cu_seqlens=cu, window_size=(2, 0)), "together with packed"),
+        "batch 2": ({}, dict(cu_seqlens=cu, batch=2), "batch 1"),
+        "padded alone": ({}, dict(cu_seqlens_padded=cu), "without cu_seqlens"),
+        "length": ({}, dict(cu_seqlens=cu * 2), "must equal cu_seqlens_padded"),
+    }
+    outcome = {}
+    for name, (module_kwargs, call_kwargs, message) in calls.items():
+        attn = LongContextAttention(groups, **module_kwargs)
+        batch = call_kwargs.pop("batch", 1)
+        q = x.expand(batch, *x.shape[1:])
+        try:
+            attn(q, q, q, **call_kwargs)
+            outcome[name] = float("inf")
+        except ValueError as error:
+            outcome[name] = 0.0 if message in str(error) else float("inf")
+    return outcome
