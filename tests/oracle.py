@@ -42,3 +42,34 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     if not torch.isfinite(actual).all():
         return float("inf")
     return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+def document_attention_float64(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: list[int],
+    cu_seqlens_padded: list[int],
+    causal: bool,
+) -> torch.Tensor:
+    """Packed documents: q [1, S, hq, d], k/v [1, S, hkv, d] over the padded sequence -> the
+    float64 output, a token seeing only real tokens of its own document (earlier-or-equal
+    ones with ``causal``), padding rows 0. Written from the definition, not the layout."""
+    seq_len = q.shape[1]
+    document = torch.full((seq_len,), -1)
+    for n, (start, real) in enumerate(
+        zip(cu_seqlens_padded, (b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])))
+    ):
+        document[start : start + real] = n
+    real_token = document >= 0
+    seen = (document[:, None] == document[None, :]) & real_token[:, None]
+    if causal:
+        seen &= torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+    seen |= ~real_token[:, None]  # padding rows: any finite softmax, zeroed below
+    q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~seen, float("-inf"))
+    out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
+    return out * real_token.double()[None, :, None, None]

@@ -403,6 +403,8 @@ def test_install_hooks_every_place_each_tag_looks(monkeypatch, tag):
         monkeypatch.setitem(sys.modules, name, module)
     replaced = [(LocalSpecProvider, "core_attention"), (core_utils, "get_batch_on_this_cp_rank"),
                 (gpt_model, "RotaryEmbedding")]  # fmt: skip
+    if hasattr(core_utils, "get_thd_batch_on_this_cp_rank"):
+        replaced.append((core_utils, "get_thd_batch_on_this_cp_rank"))
     try:
         from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 

@@ -144,7 +144,7 @@ def _attention_error(**overrides) -> str:
 def _packed_batch_error() -> str:
     from usp_megatron.megatron import get_batch_on_this_usp_rank
 
-    packed = _batch() | {"cu_seqlens": torch.tensor([[0, 12, SEQ]]), "max_seqlen": None}
+    packed = _batch() | {"local_cp_size": 2, "cu_seqlens": None}
     try:
         get_batch_on_this_usp_rank(packed)
     except ValueError as error:
@@ -192,7 +192,7 @@ def test_layout_checks_pass_on_every_rank(results):
 @pytest.mark.parametrize(
     "case, words",
     [
-        ("packed", "packed-sequence entries ['cu_seqlens']: drop --sft"),
+        ("packed", "hybrid context-parallel entries ['local_cp_size']: drop --hybrid-context"),
         ("heads", "ulysses degree 4 must be at most the attention heads per tensor-parallel "
                   "rank (2 / TP 1 = 2)"),
         ("dropout", "attention_dropout (--attention-dropout) to 0.0, got 0.1"),

@@ -27,7 +27,7 @@ def test_loss_parity_default_command(tmp_path):
     assert "[22/22] swa/U4R1-zigzag: done in" in done.stdout
     report = json.loads(out.with_suffix(".json").read_text())
     runs = report["runs"]
-    assert report["rtol"] == 1e-6 and len(runs) == 14 + 3 + 1
+    assert report["rtol"] == 1e-6 and len(runs) == 14 + 3 + 1 + 3 + 1
     for name, run in runs.items():
         assert len(run["loss"]) == 6 and run["ok"], name
         assert max(run["max_rel_loss"], run["max_rel_grad_norm"]) <= 1e-6, name
@@ -39,6 +39,11 @@ def test_loss_parity_default_command(tmp_path):
     for windowed in ("swa/U4R1-zigzag", "swa-alt/U2R2-zigzag"):
         ignored = max(abs(a - b) / b for a, b in zip(full, runs[windowed]["baseline_loss"]))
         assert ignored > 100 * report["rtol"], f"{windowed}: window ignored unnoticed ({ignored})"
+    # The same for packed documents that were allowed to see each other.
+    unmasked = runs["packed-nomask/U2R2-zigzag"]["baseline_loss"]
+    for packed in ("packed/U4R1-zigzag", "packed/U2R2-zigzag", "packed/U1R4-zigzag"):
+        seen = max(abs(a - b) / b for a, b in zip(unmasked, runs[packed]["baseline_loss"]))
+        assert seen > 100 * report["rtol"], f"{packed}: documents mixed unnoticed ({seen})"
 
 
 def _pretrain(tmp_path: Path, history: str, *flags: str) -> list[dict]:

@@ -4,7 +4,14 @@ from usp_megatron.attention import LongContextAttention
 from usp_megatron.degrees import choose_degrees
 from usp_megatron.groups import USPGroups, init_usp_groups, usp_groups_from
 from usp_megatron.kernels import BACKENDS, get_kernel
-from usp_megatron.layout import RING_IMPLS, SequenceLayout, get_layout, local_positions
+from usp_megatron.layout import (
+    RING_IMPLS,
+    PackedZigzagLayout,
+    SequenceLayout,
+    get_layout,
+    local_positions,
+    packed_layout,
+)
 from usp_megatron.sharding import gather_sequence, shard_sequence
 
 __version__ = "0.1.0"
@@ -12,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "LongContextAttention",
+    "PackedZigzagLayout",
     "RING_IMPLS",
     "SequenceLayout",
     "USPGroups",
@@ -21,6 +29,7 @@ __all__ = [
     "get_layout",
     "init_usp_groups",
     "local_positions",
+    "packed_layout",
     "shard_sequence",
     "usp_groups_from",
 ]

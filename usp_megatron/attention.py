@@ -17,10 +17,23 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from usp_megatron.comm import HeadRun, heads_to_seq_start, seq_to_heads_start, split_heads
+from usp_megatron.comm import (
+    HeadRun,
+    heads_to_seq_start,
+    packed_heads_to_seq_start,
+    packed_seq_to_heads_start,
+    seq_to_heads_start,
+    split_heads,
+)
 from usp_megatron.groups import USPGroups
 from usp_megatron.kernels import AttentionKernel, check_backend, get_kernel
-from usp_megatron.layout import SequenceLayout, check_window, get_layout
+from usp_megatron.layout import (
+    PackedZigzagLayout,
+    SequenceLayout,
+    check_window,
+    get_layout,
+    packed_layout,
+)
 from usp_megatron.ring import ring_attention, ring_backward, ring_forward
 from usp_megatron.sharding import gather_sequence, shard_sequence
 
@@ -209,6 +222,50 @@ class _UlyssesRingFunction(torch.autograd.Function):
         return None, None, None, None, None, None, None, None, dq, dk, dv
 
 
+def _even_heads(x: torch.Tensor, ulysses_degree: int) -> torch.Tensor:
+    """[b, s, h, d] -> the view [b, s, U, h/U, d] an even all-to-all sends."""
+    (view,) = split_heads(x, [HeadRun(ulysses_degree, x.shape[2] // ulysses_degree)])[0]
+    return view
+
+
+class _PackedUlyssesRingFunction(torch.autograd.Function):
+    """:class:`_UlyssesRingFunction` for packed documents: the same three steps, with the
+    all-to-all that reorders through a staging buffer (``comm.packed_all_to_all``) and one
+    pass over all heads (no head chunks). The layout's block tasks carry the documents."""
+
+    @staticmethod
+    def forward(ctx, groups, layout, kernel, causal, scale, q, k, v):
+        degree, group = groups.ulysses_degree, groups.ulysses_group
+        sends = [_even_heads(t, degree) for t in (q, k, v)]
+        q_ring, k_ring, v_ring = packed_seq_to_heads_start(sends, layout, group).wait()
+        out_ring, lse = ring_forward(groups, layout, kernel, q_ring, k_ring, v_ring, causal, scale)
+        out = q.new_empty(q.shape)  # contiguous: the view below must be of it
+        destination = _even_heads(out, degree)
+        packed_heads_to_seq_start([out_ring], [destination], layout, group).wait()
+        ctx.save_for_backward(q_ring, k_ring, v_ring, out_ring, lse)
+        ctx.groups, ctx.layout, ctx.kernel = groups, layout, kernel
+        ctx.causal, ctx.scale = causal, scale
+        ctx.kv_shape = k.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        groups, layout = ctx.groups, ctx.layout
+        degree, group = groups.ulysses_degree, groups.ulysses_group
+        q_ring, k_ring, v_ring, out_ring, lse = ctx.saved_tensors
+        send = _even_heads(dout.contiguous(), degree)
+        (dout_ring,) = packed_seq_to_heads_start([send], layout, group).wait()
+        grads = ring_backward(
+            groups, layout, ctx.kernel, dout_ring, q_ring, k_ring, v_ring, out_ring, lse,
+            ctx.causal, ctx.scale,
+        )  # fmt: skip
+        dq = dout.new_empty(dout.shape)
+        dk, dv = (dout.new_empty(ctx.kv_shape) for _ in range(2))
+        destinations = [_even_heads(t, degree) for t in (dq, dk, dv)]
+        packed_heads_to_seq_start(list(grads), destinations, layout, group).wait()
+        return None, None, None, None, None, dq, dk, dv
+
+
 class LongContextAttention(nn.Module):
     """USP attention over ``groups``; inputs and output are this rank's sequence shard.
 
@@ -237,13 +294,17 @@ class LongContextAttention(nn.Module):
         self.head_chunks = head_chunks
         self._kernels: dict[tuple[torch.device, torch.dtype, bool], AttentionKernel] = {}
 
-    def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    def shard(
+        self, x: torch.Tensor, dim: int = 1, cu_seqlens_padded: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """This rank's positions of a full-sequence tensor ``x`` along ``dim``."""
-        return shard_sequence(x, dim, self.groups, self.ring_impl)
+        return shard_sequence(x, dim, self.groups, self.ring_impl, cu_seqlens_padded)
 
-    def gather(self, x_local: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    def gather(
+        self, x_local: torch.Tensor, dim: int = 1, cu_seqlens_padded: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The full sequence from every rank's shard (not differentiable)."""
-        return gather_sequence(x_local, dim, self.groups, self.ring_impl)
+        return gather_sequence(x_local, dim, self.groups, self.ring_impl, cu_seqlens_padded)
 
     def positions(self, seq_len: int) -> torch.Tensor:
         """Global positions this rank holds, in local order."""
@@ -297,13 +358,26 @@ class LongContextAttention(nn.Module):
         causal: bool = True,
         softmax_scale: float | None = None,
         window_size: tuple[int, int] | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        cu_seqlens_padded: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """q: [b, s_local, hq, d]; k, v: [b, s_local, hkv, d] -> [b, s_local, hq, d].
 
         ``window_size=(left, right)``: the query at global position ``i`` sees keys
         ``i-left .. i+right`` (-1 unbounded; with ``causal`` also only keys ``<= i``);
         None or ``(-1, -1)`` is full attention.
+
+        Packed documents (THD, batch 1): ``cu_seqlens`` (int ``[documents + 1]``, global, the
+        same on every rank) are the real document boundaries, ``cu_seqlens_padded`` the
+        padded ones (None: no padding), every padded length a multiple of ``2 * U * R``;
+        the shard is Megatron's THD split (``local_positions(..., cu_seqlens_padded=)``).
+        A token then attends only tokens of its own document (earlier-or-equal ones with
+        ``causal``); padding rows give 0 and get no gradient.
         """
+        if cu_seqlens is not None or cu_seqlens_padded is not None:
+            return self._packed_forward(
+                q, k, v, causal, softmax_scale, window_size, cu_seqlens, cu_seqlens_padded
+            )
         split = self._check(q, k, v)
         window = check_window(window_size)
         kernel = self._kernel(q.device, q.dtype, window is not None)
@@ -317,3 +391,56 @@ class LongContextAttention(nn.Module):
             self.groups, self.layout, kernel, causal, scale, window, self.head_chunks, split,
             q, k, v,
         )
+
+    def packed_layout(
+        self, cu_seqlens_padded: torch.Tensor, cu_seqlens: torch.Tensor | None = None
+    ) -> PackedZigzagLayout:
+        """The packed-documents layout of these boundaries over this module's groups."""
+        u, r = self.groups.ulysses_degree, self.groups.ring_degree
+        return packed_layout(self.ring_impl, u, r, cu_seqlens_padded, cu_seqlens)
+
+    def _packed_forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool,
+        softmax_scale: float | None,
+        window_size: tuple[int, int] | None,
+        cu_seqlens: torch.Tensor | None,
+        cu_seqlens_padded: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """:meth:`forward` for packed documents."""
+        if cu_seqlens is None:
+            raise ValueError(
+                "cu_seqlens_padded was given without cu_seqlens: pass the real document "
+                "boundaries as cu_seqlens (cu_seqlens_padded=None means no padding)"
+            )
+        if check_window(window_size) is not None:
+            raise ValueError(
+                f"window_size={window_size} together with packed documents (cu_seqlens) is "
+                "not supported; use full-length attention within each document"
+            )
+        layout = self.packed_layout(
+            cu_seqlens if cu_seqlens_padded is None else cu_seqlens_padded, cu_seqlens
+        )
+        if q.dim() != 4 or q.shape[0] != 1:
+            raise ValueError(
+                f"packed documents need q of shape [1, s_local, heads, head_dim] (batch 1: "
+                f"the documents are packed along the sequence), got {tuple(q.shape)}"
+            )
+        layout.check_seq_len(q.shape[1] * self.groups.cp_size)
+        split = self._check(q, k, v)
+        u = self.groups.ulysses_degree
+        if not split.even:
+            raise ValueError(
+                f"packed documents need the query heads {q.shape[2]} to split evenly over "
+                f"ulysses_degree {u} (they split as {split.q_heads}): choose U among the "
+                f"divisors of {q.shape[2]}"
+            )
+        kernel = get_kernel(self.backend, q.device, q.dtype, documents=True)
+        scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+        if u == 1:
+            return ring_attention(self.groups, layout, kernel, q, k, v, causal, scale)
+        k, v = split.replicate_kv(k), split.replicate_kv(v)
+        return _PackedUlyssesRingFunction.apply(self.groups, layout, kernel, causal, scale, q, k, v)

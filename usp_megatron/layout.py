@@ -7,6 +7,8 @@ Context-parallel rank ``c = ring_rank * U + ulysses_rank`` of ``C = U * R`` rank
 - ``stripe``: ring rank ``r`` owns positions ``t % R == r`` in order; ulysses rank ``u``
   holds the ``u``-th of ``U`` equal contiguous pieces of that. Needs ``S % C == 0``.
 - ``basic``: contiguous chunk ``c`` of ``C``. Needs ``S % C == 0``.
+- packed documents (THD, ``PackedZigzagLayout``, built by ``packed_layout``): the zigzag
+  of every document, documents in order (Megatron's THD context-parallel split).
 
 After the ulysses all-to-all a ring rank holds its *ring block*: the union of its
 ulysses group's positions, sorted. A layout object answers every question that depends
@@ -24,7 +26,7 @@ from typing import ClassVar
 
 import torch
 
-from usp_megatron.mask import ALL_ROWS, CAUSAL, FULL, BlockMask, BlockTask
+from usp_megatron.mask import ALL_ROWS, CAUSAL, FULL, BlockMask, BlockTask, Documents
 
 Window = tuple[int, int]
 
@@ -316,6 +318,226 @@ class StripeLayout(SequenceLayout):
         return [_Run(0, block_len, ring_rank, self.ring_degree)]
 
 
+class PackedZigzagLayout(SequenceLayout):
+    """Packed documents (THD): exactly Megatron's THD context-parallel split
+    (TransformerEngine's ``thd_get_partitioned_indices``).
+
+    Document ``n`` spans ``cu_seqlens_padded[n] .. cu_seqlens_padded[n+1]``, a multiple of
+    ``2C`` long; its real tokens are the first ``cu_seqlens[n+1] - cu_seqlens[n]``, the
+    rest padding. Rank ``c`` holds chunks ``c`` and ``2C-1-c`` of the ``2C`` chunks of every
+    document, documents in order. Ring block ``r`` is then, per document, its chunks ``r``
+    and ``2R-1-r`` of ``2R`` (``A_n``, ``B_n``), in position order ``A_1 B_1 A_2 B_2 ..``:
+    each document's rows are contiguous and its real rows a prefix of them, so every ring
+    step is one block task over all documents (``mask.Documents``): the diagonal is causal
+    per document; an earlier block's ``A'_n`` is wholly visible to ``A_n B_n``; a later
+    block's ``A'_n B'_n`` is wholly visible to ``B_n``. Padding sees and is seen by nothing.
+    """
+
+    name = "zigzag"
+    megatron_split = True
+    pieces_per_rank = 2
+
+    def __init__(
+        self,
+        ulysses_degree: int,
+        ring_degree: int,
+        cu_seqlens_padded: tuple[int, ...],
+        cu_seqlens: tuple[int, ...],
+    ) -> None:
+        super().__init__(ulysses_degree, ring_degree)
+        self.cu_seqlens_padded, self.cu_seqlens = tuple(cu_seqlens_padded), tuple(cu_seqlens)
+        padded = [b - a for a, b in zip(self.cu_seqlens_padded, self.cu_seqlens_padded[1:])]
+        real = [b - a for a, b in zip(self.cu_seqlens, self.cu_seqlens[1:])]
+        self.padded_lens, self.real_lens = tuple(padded), tuple(real)
+        self._tasks: dict[tuple[int, int, bool], tuple[BlockTask, ...]] = {}
+        self._steps: dict[bool, int] = {}
+        self._staging_rows_on: dict[torch.device, torch.Tensor] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(U={self.ulysses_degree}, R={self.ring_degree}, "
+            f"cu_seqlens_padded={self.cu_seqlens_padded}, cu_seqlens={self.cu_seqlens})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return super().__eq__(other) and (other.cu_seqlens_padded, other.cu_seqlens) == (
+            self.cu_seqlens_padded,
+            self.cu_seqlens,
+        )
+
+    def __hash__(self) -> int:
+        return hash((super().__hash__(), self.cu_seqlens_padded, self.cu_seqlens))
+
+    @property
+    def seq_len(self) -> int:
+        return self.cu_seqlens_padded[-1]
+
+    def check_seq_len(self, seq_len: int) -> None:
+        if seq_len != self.seq_len:
+            raise ValueError(
+                f"sequence length {seq_len} must equal cu_seqlens_padded[-1] = {self.seq_len} "
+                "for packed documents"
+            )
+
+    def _positions(self, seq_len: int, ulysses_rank: int, ring_rank: int) -> torch.Tensor:
+        cp_rank, chunks = ring_rank * self.ulysses_degree + ulysses_rank, 2 * self.cp_size
+        pieces = []
+        for start, length in zip(self.cu_seqlens_padded, self.padded_lens):
+            chunk = length // chunks
+            for index in (cp_rank, chunks - 1 - cp_rank):
+                pieces.append(torch.arange(start + index * chunk, start + (index + 1) * chunk))
+        return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
+
+    @functools.cached_property
+    def staging_rows(self) -> torch.Tensor:
+        """Entry ``u * s_local + t``: the ring-block row of local token ``t`` of ulysses rank
+        ``u`` (the all-to-all receives rank by rank, then copies rows by this index). The
+        same for every ring rank."""
+        block = self.ring_block_positions(self.seq_len, 0)
+        held = torch.cat([self.positions(self.seq_len, u, 0) for u in range(self.ulysses_degree)])
+        return torch.searchsorted(block, held)
+
+    def staging_rows_on(self, device: torch.device) -> torch.Tensor:
+        """:attr:`staging_rows` on ``device``, copied there once."""
+        if device not in self._staging_rows_on:
+            self._staging_rows_on[device] = self.staging_rows.to(device)
+        return self._staging_rows_on[device]
+
+    def _halves(self, ring_rank: int) -> list[tuple[int, int, int, int]]:
+        """Per document: (first row in the ring block, rows per half, real rows of ``A_n``,
+        real rows of ``B_n``)."""
+        degree, row, halves = self.ring_degree, 0, []
+        for padded, real in zip(self.padded_lens, self.real_lens):
+            half = padded // (2 * degree)
+            real_a = min(max(real - ring_rank * half, 0), half)
+            real_b = min(max(real - (2 * degree - 1 - ring_rank) * half, 0), half)
+            halves.append((row, half, real_a, real_b))
+            row += 2 * half
+        return halves
+
+    def block_tasks(
+        self,
+        ring_rank: int,
+        kv_rank: int,
+        block_len: int,
+        causal: bool,
+        window: Window | None = None,
+    ) -> tuple[BlockTask, ...]:
+        """One task over every document with rows on both sides (see the class doc); none
+        when no document has."""
+        if window is not None:
+            raise ValueError(
+                f"window_size {window} with packed documents is not supported: a document's "
+                "rows in a ring block are two separate chunks, not one band"
+            )
+        key = (ring_rank, kv_rank, causal)
+        if key not in self._tasks:
+            self._tasks[key] = self._document_tasks(ring_rank, kv_rank, causal)
+        return self._tasks[key]
+
+    def _document_tasks(
+        self, ring_rank: int, kv_rank: int, causal: bool
+    ) -> tuple[BlockTask, ...]:
+        segments = []
+        queries, keys = self._halves(ring_rank), self._halves(kv_rank)
+        for (row, half, qa, qb), (_, _, ka, kb) in zip(queries, keys):
+            if not causal or kv_rank <= ring_rank:  # A_n B_n (real prefix) query
+                q_start, q_len = row, qa + qb
+            else:  # later block: only B_n comes after it
+                q_start, q_len = row + half, qb
+            if causal and kv_rank < ring_rank:  # earlier block: only A'_n comes before
+                k_len = ka
+            else:
+                k_len = ka + kb
+            if q_len and k_len:
+                segments.append((q_start, q_len, row, k_len))
+        if not segments:
+            return ()
+        q_starts, q_lens, k_starts, k_lens = zip(*segments)
+        documents = Documents(q_starts, q_lens, k_starts, k_lens, causal and kv_rank == ring_rank)
+        return (BlockTask(ALL_ROWS, ALL_ROWS, BlockMask(documents=documents)),)
+
+    def ring_steps(self, block_len: int, causal: bool, window: Window | None = None) -> int:
+        """Steps after the last one any rank computes in are skipped (short documents)."""
+        if causal not in self._steps:
+            degree = self.ring_degree
+            needed = [
+                step
+                for step in range(degree)
+                for rank in range(degree)
+                if self.block_tasks(rank, (rank - step) % degree, block_len, causal, window)
+            ]
+            self._steps[causal] = max(needed, default=0) + 1
+        return self._steps[causal]
+
+
+def _cu_seqlens_tuple(name: str, value: object) -> tuple[int, ...]:
+    if not isinstance(value, torch.Tensor) or value.dim() != 1 or value.is_floating_point():
+        raise ValueError(
+            f"{name} must be a 1-D integer tensor [num_docs + 1], got "
+            f"{value if not isinstance(value, torch.Tensor) else (value.dtype, tuple(value.shape))}"
+        )
+    cu = tuple(int(x) for x in value.tolist())
+    if len(cu) < 2 or cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(
+            f"{name} must start at 0, be non-decreasing and have >= 2 entries, got {cu}"
+        )
+    return cu
+
+
+def packed_layout(
+    ring_impl: str,
+    ulysses_degree: int,
+    ring_degree: int,
+    cu_seqlens_padded: torch.Tensor,
+    cu_seqlens: torch.Tensor | None = None,
+) -> PackedZigzagLayout:
+    """The packed-documents layout of these document boundaries, validated.
+
+    ``cu_seqlens_padded``: int tensor ``[num_docs + 1]``, each document's padded length a
+    multiple of ``2 * U * R``; ``cu_seqlens``: the real lengths (None: no padding).
+    Global and the same on every rank (read once, on the host).
+    """
+    if layout_type(ring_impl) is not ZigzagLayout:
+        raise ValueError(
+            f"packed documents (cu_seqlens) need ring_impl='zigzag', got {ring_impl!r}: "
+            "Megatron's THD context-parallel split is the zigzag of every document, and "
+            f"{ring_impl!r} would mix documents' chunks across ranks with no such split"
+        )
+    check_degrees(ulysses_degree, ring_degree)
+    padded = _cu_seqlens_tuple("cu_seqlens_padded", cu_seqlens_padded)
+    real = padded if cu_seqlens is None else _cu_seqlens_tuple("cu_seqlens", cu_seqlens)
+    multiple = 2 * ulysses_degree * ring_degree
+    if len(real) != len(padded):
+        raise ValueError(
+            f"cu_seqlens has {len(real)} entries but cu_seqlens_padded {len(padded)}: one "
+            "per document boundary in both"
+        )
+    for n, (a, b, ra, rb) in enumerate(zip(padded, padded[1:], real, real[1:])):
+        if (b - a) % multiple:
+            raise ValueError(
+                f"document {n} has padded length {b - a} (cu_seqlens_padded={padded}); every "
+                f"padded length must be a multiple of 2 * U * R = {multiple}"
+            )
+        if rb - ra > b - a:
+            raise ValueError(
+                f"document {n} has real length {rb - ra} > its padded length {b - a} "
+                f"(cu_seqlens={real}, cu_seqlens_padded={padded})"
+            )
+    if padded[-1] == 0:
+        raise ValueError(f"cu_seqlens_padded {padded} holds no tokens")
+    return _packed_zigzag_layout(ulysses_degree, ring_degree, padded, real)
+
+
+@functools.lru_cache(maxsize=64)
+def _packed_zigzag_layout(
+    ulysses_degree: int, ring_degree: int, padded: tuple[int, ...], real: tuple[int, ...]
+) -> PackedZigzagLayout:
+    """One layout object per packing: every layer of a model (and the batch split) asks for
+    the same one, whose block tasks and all-to-all index are then computed once."""
+    return PackedZigzagLayout(ulysses_degree, ring_degree, padded, real)
+
+
 LAYOUTS: dict[str, type[SequenceLayout]] = {
     cls.name: cls for cls in (BasicLayout, ZigzagLayout, StripeLayout)
 }
@@ -346,9 +568,14 @@ def local_positions(
     ulysses_rank: int,
     ring_rank: int,
     ring_impl: str = "zigzag",
+    cu_seqlens_padded: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Global positions (1-D int64, in local order) held by rank ``(ulysses_rank, ring_rank)``."""
-    layout = get_layout(ring_impl, ulysses_degree, ring_degree)
+    """Global positions (1-D int64, in local order) held by rank ``(ulysses_rank, ring_rank)``;
+    with ``cu_seqlens_padded`` those of packed documents (``PackedZigzagLayout``)."""
+    if cu_seqlens_padded is not None:
+        layout = packed_layout(ring_impl, ulysses_degree, ring_degree, cu_seqlens_padded)
+    else:
+        layout = get_layout(ring_impl, ulysses_degree, ring_degree)
     return layout.positions(seq_len, ulysses_rank, ring_rank)
 
 

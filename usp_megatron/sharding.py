@@ -6,25 +6,43 @@ import torch
 import torch.distributed as dist
 
 from usp_megatron.groups import USPGroups
-from usp_megatron.layout import get_layout
+from usp_megatron.layout import SequenceLayout, get_layout, packed_layout
+
+
+def _layout(
+    groups: USPGroups, ring_impl: str, cu_seqlens_padded: torch.Tensor | None
+) -> SequenceLayout:
+    u, r = groups.ulysses_degree, groups.ring_degree
+    if cu_seqlens_padded is not None:
+        return packed_layout(ring_impl, u, r, cu_seqlens_padded)
+    return get_layout(ring_impl, u, r)
 
 
 def shard_sequence(
-    x: torch.Tensor, dim: int, groups: USPGroups, ring_impl: str = "zigzag"
+    x: torch.Tensor,
+    dim: int,
+    groups: USPGroups,
+    ring_impl: str = "zigzag",
+    cu_seqlens_padded: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The positions of ``x`` along ``dim`` that this rank holds, in local order."""
-    layout = get_layout(ring_impl, groups.ulysses_degree, groups.ring_degree)
+    """The positions of ``x`` along ``dim`` that this rank holds, in local order; with
+    ``cu_seqlens_padded`` those of packed documents (Megatron's THD split)."""
+    layout = _layout(groups, ring_impl, cu_seqlens_padded)
     positions = layout.positions(x.shape[dim], groups.ulysses_rank, groups.ring_rank)
     return x.index_select(dim, positions.to(x.device))
 
 
 def gather_sequence(
-    x_local: torch.Tensor, dim: int, groups: USPGroups, ring_impl: str = "zigzag"
+    x_local: torch.Tensor,
+    dim: int,
+    groups: USPGroups,
+    ring_impl: str = "zigzag",
+    cu_seqlens_padded: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inverse of :func:`shard_sequence` over the context-parallel group (not differentiable)."""
     if groups.cp_group is None:
         raise ValueError("gather_sequence needs groups.cp_group (as init_usp_groups builds)")
-    layout = get_layout(ring_impl, groups.ulysses_degree, groups.ring_degree)
+    layout = _layout(groups, ring_impl, cu_seqlens_padded)
     shards = [torch.empty_like(x_local) for _ in range(groups.cp_size)]
     dist.all_gather(shards, x_local.contiguous(), group=groups.cp_group)
     seq_len = x_local.shape[dim] * groups.cp_size

@@ -94,6 +94,26 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--vocab-size", type=int, default=None, help="tokens of --data-path (default: bytes)"
     )
+    data.add_argument(
+        "--pack-documents",
+        action="store_true",
+        help="packed documents (THD): cut samples at end-of-document tokens, pad each "
+        "document, mask attention between documents (the default corpus then has one "
+        "document per line); needs --micro-batch-size 1",
+    )
+    data.add_argument(
+        "--pack-pad-multiple",
+        type=int,
+        default=None,
+        help="pad each packed document to a multiple of this (default 2 x context-parallel "
+        "size; fix it to compare layouts on the same samples)",
+    )
+    data.add_argument(
+        "--no-document-mask",
+        dest="document_mask",
+        action="store_false",
+        help="with --pack-documents: let documents attend to each other (a negative control)",
+    )
 
     ckpt = parser.add_argument_group("checkpointing")
     ckpt.add_argument("--save", default=None, help="directory to save checkpoints in")
@@ -114,4 +134,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.hierarchical_context_parallel_sizes = None  # set from the --usp-* degrees
     if args.num_query_groups is None:
         args.num_query_groups = args.num_attention_heads
+    if args.pack_documents and args.micro_batch_size != 1:
+        raise ValueError(
+            f"--pack-documents packs each sample into one THD sequence: it needs "
+            f"--micro-batch-size 1, got {args.micro_batch_size}"
+        )
+    if not args.pack_documents and (args.pack_pad_multiple or not args.document_mask):
+        raise ValueError("--pack-pad-multiple and --no-document-mask need --pack-documents")
     return args

@@ -62,3 +62,17 @@ def ensure_default_corpus(data_dir: str) -> str:
     if not Path(get_idx_path(prefix)).exists():
         write_indexed_dataset(prefix, default_documents())
     return prefix
+
+
+def default_line_documents() -> list[str]:
+    """The same topics one line per document (blank lines dropped): documents shorter than
+    a CI-sized sample, so that packed samples (``--pack-documents``) hold several."""
+    return [line for text in default_documents() for line in text.splitlines() if line.strip()]
+
+
+def ensure_line_corpus(data_dir: str) -> str:
+    """:func:`ensure_default_corpus` with one document per line."""
+    prefix = str(Path(data_dir) / "pydoc_lines_bytes")
+    if not Path(get_idx_path(prefix)).exists():
+        write_indexed_dataset(prefix, default_line_documents())
+    return prefix

@@ -3,16 +3,21 @@
 Global batch ``i`` is samples ``[i * G, (i + 1) * G)``; data-parallel rank ``d`` takes its
 contiguous ``G / dp`` of them in micro-batches. The union over ranks does not depend on
 the parallel layout, which is what lets loss parity compare layouts step by step.
+
+``--pack-documents``: every sample is cut at its end-of-document tokens into documents,
+each padded to a multiple of ``--pack-pad-multiple`` (default ``2 * C``, what the THD
+layout needs), and carries ``cu_seqlens``, ``cu_seqlens_padded`` and ``max_seqlen``: the
+packed (THD) batch Megatron's SFT datasets give, with batch size 1.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
-from corpus import ByteTokenizer, ensure_default_corpus
+from corpus import ByteTokenizer, ensure_default_corpus, ensure_line_corpus
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
@@ -35,10 +40,11 @@ def tokenizer_for(args: argparse.Namespace) -> ByteTokenizer:
 def build_dataset(args: argparse.Namespace, num_samples: int) -> GPTDataset:
     """The training split; rank 0 writes the corpus and index caches, the others wait."""
     first = dist.get_rank() == 0
+    ensure_corpus = ensure_line_corpus if args.pack_documents else ensure_default_corpus
     if first and args.data_path is None:
-        ensure_default_corpus(args.data_cache_path)
+        ensure_corpus(args.data_cache_path)
     dist.barrier()
-    prefix = args.data_path or ensure_default_corpus(args.data_cache_path)
+    prefix = args.data_path or ensure_corpus(args.data_cache_path)
     config = GPTDatasetConfig(
         random_seed=args.seed,
         sequence_length=args.seq_length,
@@ -62,6 +68,38 @@ def build_dataset(args: argparse.Namespace, num_samples: int) -> GPTDataset:
     return datasets[0]
 
 
+def pack_documents(
+    sample: dict[str, torch.Tensor], eod: int, multiple: int
+) -> dict[str, torch.Tensor]:
+    """One GPTDataset sample as packed documents (THD): cut after every end-of-document
+    token, each document padded to a multiple of ``multiple``. Padding has loss mask 0, and
+    so has a document's end-of-document token, whose label is the next document's first
+    token (which document masking makes unpredictable). Position ids count per document."""
+    tokens = sample["tokens"]
+    ends = (tokens == eod).nonzero().flatten().add(1).tolist()
+    bounds = sorted({0, *ends, len(tokens)})
+    pieces: dict[str, list[torch.Tensor]] = {k: [] for k in ("tokens", "labels", "loss_mask")}
+    positions, real, padded = [], [], []
+    for start, stop in zip(bounds, bounds[1:]):
+        length = stop - start
+        pad = -length % multiple
+        loss_mask = sample["loss_mask"][start:stop].clone()
+        if tokens[stop - 1] == eod:
+            loss_mask[-1] = 0.0
+        pieces["tokens"] += [tokens[start:stop], torch.full((pad,), eod, dtype=tokens.dtype)]
+        pieces["labels"] += [sample["labels"][start:stop], torch.zeros(pad, dtype=tokens.dtype)]
+        pieces["loss_mask"] += [loss_mask, torch.zeros(pad, dtype=loss_mask.dtype)]
+        positions.append(torch.arange(length + pad))
+        real.append(length)
+        padded.append(length + pad)
+    packed = {key: torch.cat(value) for key, value in pieces.items()}
+    packed["position_ids"] = torch.cat(positions)
+    packed["cu_seqlens"] = torch.tensor([0, *real]).cumsum(0, dtype=torch.int32)
+    packed["cu_seqlens_padded"] = torch.tensor([0, *padded]).cumsum(0, dtype=torch.int32)
+    packed["max_seqlen"] = torch.tensor(max(padded), dtype=torch.int32)
+    return packed
+
+
 def micro_batches(
     dataset: GPTDataset,
     global_batch_size: int,
@@ -69,8 +107,10 @@ def micro_batches(
     dp_rank: int,
     dp_size: int,
     first_iteration: int,
+    transform: Callable[[dict], dict] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Micro-batches of this data-parallel rank from global batch ``first_iteration`` on."""
+    """Micro-batches of this data-parallel rank from global batch ``first_iteration`` on;
+    ``transform`` (e.g. :func:`pack_documents`) applies to each sample."""
     per_rank = global_batch_size // dp_size
     iteration = first_iteration
     while True:
@@ -78,5 +118,7 @@ def micro_batches(
         for m in range(per_rank // micro_batch_size):
             ids = range(start + m * micro_batch_size, start + (m + 1) * micro_batch_size)
             samples = [dataset[i % len(dataset)] for i in ids]
+            if transform is not None:
+                samples = [transform(sample) for sample in samples]
             yield {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
         iteration += 1

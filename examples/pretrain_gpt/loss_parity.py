@@ -41,11 +41,21 @@ MODELS = {
     "gqa": ["--num-query-groups", "2"],
     "swa": ["--window-size", "8", "0"],  # every layer in a window of 8 of the 64 tokens
     "swa-alt": ["--window-size", "8", "0", "--window-attn-skip-freq", "2"],  # local, global
+    # Packed documents (THD), every document padded to a multiple of 8 in every run (the
+    # same samples for every layout); and the negative control: documents that see each other.
+    "packed": ["--pack-documents", "--pack-pad-multiple", "8"],
+    "packed-nomask": ["--pack-documents", "--pack-pad-multiple", "8", "--no-document-mask"],
 }
 #: Models checked on fewer layouts (one per U x R) to keep the default run CI-sized, and
 #: whose DP baseline runs USP's attention at context-parallel size 1 (Megatron's own
-#: sliding-window mask is built on a CUDA device).
-SHORT_MODELS = {"swa": "U4R1-zigzag,U2R2-stripe,U1R4-basic", "swa-alt": "U2R2-zigzag"}
+#: sliding-window mask is built on a CUDA device; its DotProductAttention takes no packed
+#: sequences).
+SHORT_MODELS = {
+    "swa": "U4R1-zigzag,U2R2-stripe,U1R4-basic",
+    "swa-alt": "U2R2-zigzag",
+    "packed": "U4R1-zigzag,U2R2-zigzag,U1R4-zigzag",
+    "packed-nomask": "U2R2-zigzag",
+}
 # Small enough for CI on 2 cores (the driver's own defaults are the CPU demo). SGD, because
 # Adam's first steps move every weight by about +-lr whatever its gradient's size, so a
 # gradient entry that is pure float32 rounding noise (it cancels to ~0) gets a full step

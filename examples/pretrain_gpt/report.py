@@ -146,8 +146,15 @@ class Reporter:
             self.writer = SummaryWriter(log_dir=args.tensorboard_dir)
 
     def record(
-        self, iteration: int, loss: float, grad_norm: float, lr: float, seconds: float
+        self,
+        iteration: int,
+        loss: float,
+        grad_norm: float,
+        lr: float,
+        seconds: float,
+        documents_per_sample: float | None = None,
     ) -> dict:
+        """One iteration's metrics (``documents_per_sample``: packed documents only)."""
         tflops = self.flops / self.plan.world_size / seconds / 1e12
         record = {
             "iteration": iteration,
@@ -160,6 +167,8 @@ class Reporter:
             "mfu": tflops / self.peak if self.peak else None,
             "peak_memory_bytes": peak_memory_bytes(self.plan.device),
         }
+        if documents_per_sample is not None:
+            record["documents_per_sample"] = documents_per_sample
         if self.rank == 0:
             if iteration % self.args.log_interval == 0:
                 print(self.log_line(record), flush=True)
@@ -178,7 +187,9 @@ class Reporter:
             f"{mfu} | "
             f"{_memory_label(self.plan.device)} {_size(r['peak_memory_bytes'])} | "
             f"{r['seconds']:.2f} s/it | eta {eta:.0f}s"
-        )
+            + (f" | {r['documents_per_sample']:.1f} documents/sample"
+               if "documents_per_sample" in r else "")
+        )  # fmt: skip
 
     def _write_scalars(self, r: dict) -> None:
         """Megatron-LM's scalar names, against the iteration."""

@@ -15,7 +15,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 from checkpoint import load_checkpoint, save_checkpoint
-from data import build_dataset, micro_batches, tokenizer_for
+from data import build_dataset, micro_batches, pack_documents, tokenizer_for
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -33,6 +33,7 @@ from report import Reporter, nothing_to_do
 from usp_megatron.megatron import (
     get_batch_on_this_usp_rank,
     get_gpt_layer_usp_spec,
+    get_thd_batch_on_this_usp_rank,
     install_cpu_shim,
     reset_model_parallel,
     use_usp_rotary_embedding,
@@ -127,13 +128,27 @@ def _loss(loss_mask: torch.Tensor, output: torch.Tensor):
     return loss, num_tokens, {"lm loss": report}
 
 
-def _forward_step(args: argparse.Namespace, data_iterator, model):
+_PACKING = ("cu_seqlens", "cu_seqlens_padded", "max_seqlen")
+
+
+def _forward_step(args: argparse.Namespace, documents: list[int], data_iterator, model):
     batch = next(data_iterator)
     if use_cuda(args):
         batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
-    if args.context_parallel_size > 1:
+    packed_seq_params = None
+    if "cu_seqlens" in batch:
+        documents.append(batch["cu_seqlens"].shape[-1] - 1)
+        packing = [batch.pop(key) for key in _PACKING]
+        if args.document_mask:
+            batch, packed_seq_params = get_thd_batch_on_this_usp_rank(
+                batch, *packing, ring_impl=args.usp_ring_impl
+            )
+    if packed_seq_params is None and args.context_parallel_size > 1:
         batch = get_batch_on_this_usp_rank(batch, ring_impl=args.usp_ring_impl)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    output = model(
+        batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+        packed_seq_params=packed_seq_params,
+    )  # fmt: skip
     return output, partial(_loss, batch["loss_mask"])
 
 
@@ -189,6 +204,10 @@ def train(args: argparse.Namespace) -> list[dict]:
 
     dp_size = args.data_parallel_size
     dataset = build_dataset(args, args.train_iters * args.global_batch_size)
+    pack = None
+    if args.pack_documents:
+        multiple = args.pack_pad_multiple or 2 * args.context_parallel_size
+        pack = partial(pack_documents, eod=tokenizer_for(args).eod, multiple=multiple)
     data = micro_batches(
         dataset,
         args.global_batch_size,
@@ -196,6 +215,7 @@ def train(args: argparse.Namespace) -> list[dict]:
         ps.get_data_parallel_rank(),
         dp_size,
         first_iteration,
+        pack,
     )
     num_micro = args.global_batch_size // (args.micro_batch_size * dp_size)
     forward_backward = get_forward_backward_func()
@@ -205,8 +225,9 @@ def train(args: argparse.Namespace) -> list[dict]:
         start = time.perf_counter()
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
+        documents: list[int] = []  # per packed sample of this rank
         reports = forward_backward(
-            forward_step_func=partial(_forward_step, args),
+            forward_step_func=partial(_forward_step, args, documents),
             data_iterator=data,
             model=[ddp],
             num_microbatches=num_micro,
@@ -223,7 +244,10 @@ def train(args: argparse.Namespace) -> list[dict]:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         loss = float(totals[0] / totals[1])
-        history.append(reporter.record(iteration + 1, loss, float(grad_norm), lr, seconds))
+        per_sample = sum(documents) / len(documents) if documents else None
+        history.append(
+            reporter.record(iteration + 1, loss, float(grad_norm), lr, seconds, per_sample)
+        )
         if args.save and args.save_interval and (iteration + 1) % args.save_interval == 0:
             save_checkpoint(args, iteration + 1, ddp, optimizer, scheduler)
     if args.save and (not args.save_interval or args.train_iters % args.save_interval):

@@ -7,6 +7,10 @@ from usp_megatron.comm.all_to_all import (
     seq_to_heads_start,
     split_heads,
 )
+from usp_megatron.comm.packed_all_to_all import (
+    packed_heads_to_seq_start,
+    packed_seq_to_heads_start,
+)
 from usp_megatron.comm.ring_exchange import RingExchange
 
 __all__ = [
@@ -14,6 +18,8 @@ __all__ = [
     "PendingExchange",
     "RingExchange",
     "heads_to_seq_start",
+    "packed_heads_to_seq_start",
+    "packed_seq_to_heads_start",
     "seq_to_heads_start",
     "split_heads",
 ]

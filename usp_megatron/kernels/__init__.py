@@ -4,7 +4,8 @@
 per device and dtype (never per block):
 
 - ``torch``: the fastest of PyTorch's own ops present: cuDNN, then flash, then efficient
-  (flash for sliding windows, which cuDNN's and efficient's ops here do not take).
+  (flash for sliding windows and packed documents, which cuDNN's and efficient's ops here
+  do not take).
 - ``auto``: ``torch`` on CUDA, the plain-torch reference elsewhere. FlashAttention
   (``flash_attn``) is taken only when asked for by name: it has not passed this project's
   GPU tests yet, and on H100/H200 cuDNN measured faster.
@@ -57,18 +58,27 @@ def _note_flash_attn_not_chosen() -> None:
 
 
 def get_kernel(
-    backend: str, device: torch.device, dtype: torch.dtype, windows: bool = False
+    backend: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    windows: bool = False,
+    documents: bool = False,
 ) -> AttentionKernel:
     """The kernel for ``backend`` on this device and dtype; ValueError if it cannot run there.
 
     ``windows``: it must compute banded blocks (sliding windows); among PyTorch's ops only
-    flash does.
+    flash does. ``documents``: it must compute packed documents (varlen); among PyTorch's
+    ops only flash does (the reference kernel on CPU).
     """
     check_backend(backend)
     device = torch.device(device)
     for name in _FAMILIES.get(backend, (backend,)):
         kernel = _KERNELS[name]
-        if kernel.available(device, dtype) and (kernel.takes_windows or not windows):
+        if (
+            kernel.available(device, dtype)
+            and (kernel.takes_windows or not windows)
+            and (kernel.takes_documents or not documents)
+        ):
             if backend == "auto" and device.type == "cuda":
                 _note_flash_attn_not_chosen()
             return kernel
@@ -76,6 +86,11 @@ def get_kernel(
         raise ValueError(
             f"attention backend {backend!r} has no sliding-window kernel; use 'torch_flash' "
             "(or 'torch' / 'auto', which pick it for windowed layers) or 'flash_attn'"
+        )
+    if documents and backend in _KERNELS and _KERNELS[backend].available(device, dtype):
+        raise ValueError(
+            f"attention backend {backend!r} has no packed-documents (varlen) kernel; use "
+            "'torch_flash' (or 'torch' / 'auto', which pick it for packed documents)"
         )
     raise ValueError(
         f"attention backend {backend!r} cannot run on device {device} with dtype {dtype}; "

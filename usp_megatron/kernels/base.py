@@ -29,6 +29,8 @@ class AttentionKernel(Protocol):
     #: Whether it computes any ``BlockMask`` band (sliding windows), not only full and
     #: square-causal blocks.
     takes_windows: bool
+    #: Whether it computes ``BlockMask.documents`` (packed documents, THD).
+    takes_documents: bool
 
     def available(self, device: torch.device, dtype: torch.dtype) -> bool: ...
 

@@ -26,6 +26,7 @@ def flash_attn_importable() -> bool:
 class FlashAttnKernel:
     name = "flash_attn"
     takes_windows = True
+    takes_documents = False
 
     def available(self, device: torch.device, dtype: torch.dtype) -> bool:
         return device.type == "cuda" and dtype in _HALF and flash_attn_importable()

@@ -1,7 +1,8 @@
 """Plain-torch attention: any device, float32 (or float64) accumulation.
 
 The CPU path and the oracle the fast kernels are checked against. It materializes the
-``[sq, sk]`` score matrix, so it is for small blocks.
+``[sq, sk]`` score matrix, so it is for small blocks. A row that sees no key (packed
+documents: padding) gets output 0, log-sum-exp -inf and no gradient, never NaN.
 """
 
 from __future__ import annotations
@@ -28,9 +29,17 @@ def _scores(q: torch.Tensor, k: torch.Tensor, mask: BlockMask, scale: float) -> 
     return scores
 
 
+def _probs(scores: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """``exp(scores - lse)``; 0 (not NaN) on rows that see nothing (lse = -inf)."""
+    lse = lse.to(scores.dtype)
+    finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    return torch.exp(scores - finite.unsqueeze(-1))
+
+
 class ReferenceKernel:
     name = "reference"
     takes_windows = True
+    takes_documents = True
 
     def available(self, device: torch.device, dtype: torch.dtype) -> bool:
         return True
@@ -41,7 +50,7 @@ class ReferenceKernel:
         check_block(q, k, v, mask)
         scores = _scores(q, k, mask, scale)
         lse = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - lse.unsqueeze(-1))
+        probs = _probs(scores, lse)
         v_full = expand_kv_heads(v, q.shape[2]).to(scores.dtype)
         out = torch.einsum("bhqk,bkhd->bqhd", probs, v_full)
         return out.to(q.dtype), lse
@@ -60,7 +69,7 @@ class ReferenceKernel:
         check_block(q, k, v, mask)
         scores = _scores(q, k, mask, scale)
         acc = scores.dtype
-        probs = torch.exp(scores - lse.to(acc).unsqueeze(-1))
+        probs = _probs(scores, lse)
         dout_a = dout.to(acc)
         k_full = expand_kv_heads(k, q.shape[2]).to(acc)
         v_full = expand_kv_heads(v, q.shape[2]).to(acc)

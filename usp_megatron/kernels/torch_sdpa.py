@@ -8,11 +8,14 @@ copy). cuDNN is the fastest on H100 (docs/benchmarks.md), then flash, then effic
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from usp_megatron.kernels.base import expand_kv_heads, reduce_kv_heads
-from usp_megatron.mask import BlockMask
+from usp_megatron.mask import BlockMask, Documents
 
 aten = torch.ops.aten
 _HALF = (torch.float16, torch.bfloat16)
@@ -34,19 +37,89 @@ def _dense(mask: BlockMask, sq: int, sk: int) -> bool:
     return mask.is_full or (mask.is_causal and sq == sk)
 
 
+class _VarlenRows(NamedTuple):
+    """The rows of a block's document segments, packed one after another for the varlen op."""
+
+    q: Tensor  # [total_q] int64: block rows of the queries, document by document
+    k: Tensor  # [total_k]
+    cu_q: Tensor  # [documents + 1] int32
+    cu_k: Tensor
+
+
+@functools.lru_cache(maxsize=256)
+def _varlen_rows(documents: Documents, device: torch.device) -> _VarlenRows:
+    def rows(starts: tuple[int, ...], lens: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        index = torch.cat([torch.arange(a, a + n) for a, n in zip(starts, lens)])
+        cu = torch.tensor([0, *lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return index.to(device, non_blocking=True), cu.to(device, non_blocking=True)
+
+    (q, cu_q), (k, cu_k) = rows(documents.q_starts, documents.q_lens), rows(
+        documents.k_starts, documents.k_lens
+    )
+    return _VarlenRows(q, k, cu_q, cu_k)
+
+
+def _varlen_forward(q: Tensor, k: Tensor, v: Tensor, documents: Documents, scale: float) -> Pair:
+    """Packed documents (batch 1) through the varlen flash op. Only the segments' rows go
+    in (one gather each); rows outside every segment get output 0 and lse -inf. Untested
+    on a GPU so far (written against torch 2.11's schema: lse ``[h, total_q]``)."""
+    rows = _varlen_rows(documents, q.device)
+    out_rows, lse_rows, *_ = aten._flash_attention_forward(
+        q[0].index_select(0, rows.q),  # [total_q, hq, d]
+        k[0].index_select(0, rows.k),  # [total_k, hkv, d]
+        v[0].index_select(0, rows.k),
+        rows.cu_q, rows.cu_k, documents.max_q, documents.max_k, 0.0, documents.causal, False,
+        scale=scale,
+    )  # fmt: skip
+    out = torch.zeros_like(q)
+    out[0].index_copy_(0, rows.q, out_rows)
+    lse = torch.full(
+        (1, q.shape[2], q.shape[1]), float("-inf"), dtype=torch.float32, device=q.device
+    )
+    lse[0].index_copy_(1, rows.q, lse_rows.view(q.shape[2], -1))  # [hq, total_q]
+    return out, lse
+
+
+def _varlen_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    documents: Documents, scale: float,
+) -> Triple:  # fmt: skip
+    """The backward of :func:`_varlen_forward`: padding rows get exactly zero gradients."""
+    rows = _varlen_rows(documents, q.device)
+    dq_rows, dk_rows, dv_rows = aten._flash_attention_backward(
+        dout[0].index_select(0, rows.q),
+        q[0].index_select(0, rows.q),
+        k[0].index_select(0, rows.k),
+        v[0].index_select(0, rows.k),
+        out[0].index_select(0, rows.q),
+        lse[0].index_select(1, rows.q).float().contiguous(),  # [hq, total_q]
+        rows.cu_q, rows.cu_k, documents.max_q, documents.max_k, 0.0, documents.causal,
+        _empty(q.device), _empty(q.device), scale=scale,
+    )  # fmt: skip
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dq[0].index_copy_(0, rows.q, dq_rows)
+    dk[0].index_copy_(0, rows.k, dk_rows)
+    dv[0].index_copy_(0, rows.k, dv_rows)
+    return dq, dk, dv
+
+
 class FlashSDPAKernel:
     """``aten._scaled_dot_product_flash_attention``: fp16/bf16, GQA shapes accepted; banded
-    (sliding-window) blocks through ``aten._flash_attention_forward/_backward``, which take
-    FlashAttention's ``window_size_left/right``."""
+    (sliding-window) blocks and packed documents (varlen) through
+    ``aten._flash_attention_forward/_backward``, which take FlashAttention's
+    ``window_size_left/right`` and ``cum_seq_q/k``."""
 
     name = "torch_flash"
     takes_windows = True
+    takes_documents = True
 
     def available(self, device: torch.device, dtype: torch.dtype) -> bool:
         return device.type == "cuda" and dtype in _HALF
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale: float) -> Pair:
         sq, sk = q.shape[1], k.shape[1]
+        if mask.documents is not None:
+            return _varlen_forward(q, k, v, mask.documents, scale)
         if not _dense(mask, sq, sk):
             left, right = mask.flash_window(sq, sk)
             out, lse, *_ = aten._flash_attention_forward(
@@ -64,6 +137,8 @@ class FlashSDPAKernel:
         mask: BlockMask, scale: float,
     ) -> Triple:
         sq, sk = q.shape[1], k.shape[1]
+        if mask.documents is not None:
+            return _varlen_backward(dout, q, k, v, out, lse, mask.documents, scale)
         if not _dense(mask, sq, sk):
             left, right = mask.flash_window(sq, sk)
             return aten._flash_attention_backward(
@@ -84,6 +159,7 @@ class CudnnSDPAKernel:
 
     name = "torch_cudnn"
     takes_windows = False
+    takes_documents = False
 
     def available(self, device: torch.device, dtype: torch.dtype) -> bool:
         if device.type != "cuda" or dtype not in _HALF:
@@ -118,6 +194,7 @@ class EfficientSDPAKernel:
 
     name = "torch_efficient"
     takes_windows = False
+    takes_documents = False
 
     def available(self, device: torch.device, dtype: torch.dtype) -> bool:
         return device.type == "cuda" and dtype in (*_HALF, torch.float32)

@@ -3,25 +3,86 @@
 Tokens, labels, loss mask and position ids are ``[b, s]`` and split along dim 1; an
 attention mask ``[b, 1, s, s]`` keeps all keys and splits its query dim (2), as Megatron's
 own ``get_batch_on_this_cp_rank`` does. For zigzag the result is exactly Megatron's split.
-Megatron-LM ``core_v0.19.0`` also hands over packed-sequence entries (``cu_seqlens``...):
-None is kept, anything else refused (USP's core attention takes no packed THD sequences).
+
+Packed documents (THD, a batch carrying ``cu_seqlens``, ``cu_seqlens_padded`` and
+``max_seqlen``) split as Megatron's ``get_thd_batch_on_this_cp_rank`` does, with the same
+indices (TransformerEngine's ``thd_get_partitioned_indices``) but without
+TransformerEngine: the layout's ``PackedZigzagLayout`` positions.
+
+Megatron-LM ``core_v0.19.0`` also hands over the entries of its hybrid context parallelism
+(``local_cp_size``, ``hybrid_cp_group``): None is kept, anything else refused.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+
 from usp_megatron.groups import USPGroups
 from usp_megatron.megatron.process_groups import usp_groups_from_megatron
 from usp_megatron.sharding import shard_sequence
 
-PACKED_SEQUENCE_KEYS = (
-    "cu_seqlens",
-    "cu_seqlens_padded",
-    "max_seqlen",
-    "local_cp_size",
-    "hybrid_cp_group",
-)
+#: Megatron-LM's own hybrid context parallelism, which does not compose with USP.
+HYBRID_CP_KEYS = ("local_cp_size", "hybrid_cp_group")
+#: Every packing entry a Megatron-LM batch may carry (None when unpacked).
+PACKED_SEQUENCE_KEYS = ("cu_seqlens", "cu_seqlens_padded", "max_seqlen", *HYBRID_CP_KEYS)
+#: Batch entries that describe the packing rather than hold one value per token.
+THD_KEYS = ("attention_mask", "cu_seqlens", "cu_seqlens_padded", "max_seqlen")
+
+
+def _one_dim(name: str, value: torch.Tensor) -> torch.Tensor:
+    """``cu_seqlens`` as the data loader may batch it, ``[1, n]``, -> ``[n]``."""
+    if value.dim() == 2 and value.shape[0] == 1:
+        return value[0]
+    if value.dim() != 1:
+        raise ValueError(
+            f"{name} must be [num_docs + 1] (or [1, num_docs + 1]: batch size 1), got shape "
+            f"{tuple(value.shape)}"
+        )
+    return value
+
+
+def get_thd_batch_on_this_usp_rank(
+    batch: dict[str, Any],
+    cu_seqlens: torch.Tensor,
+    cu_seqlens_padded: torch.Tensor | None,
+    max_seqlen: torch.Tensor | int | None,
+    ring_impl: str = "zigzag",
+    groups: USPGroups | None = None,
+) -> tuple[dict[str, Any], PackedSeqParams]:
+    """Megatron's ``get_thd_batch_on_this_cp_rank`` for USP: ``(batch, packed_seq_params)``,
+    each per-token tensor ``[1, t]`` cut to this rank's tokens (the packing entries and the
+    attention mask kept), and the ``PackedSeqParams(qkv_format="thd")`` the model takes.
+
+    ``cu_seqlens_padded=None``: no padding. ``max_seqlen``: the longest (padded) document,
+    which sizes the RoPE table, as in Megatron (None: computed from ``cu_seqlens_padded``).
+    """
+    g = groups if groups is not None else usp_groups_from_megatron()
+    cu_seqlens = _one_dim("cu_seqlens", cu_seqlens)
+    padded = cu_seqlens if cu_seqlens_padded is None else _one_dim(
+        "cu_seqlens_padded", cu_seqlens_padded
+    )
+    if max_seqlen is None:
+        max_seqlen = int((padded[1:] - padded[:-1]).max().item())
+    elif isinstance(max_seqlen, torch.Tensor):
+        max_seqlen = int(max_seqlen.reshape(-1)[0].item())
+    packed_seq_params = PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_kv=cu_seqlens,
+        cu_seqlens_q_padded=padded,
+        cu_seqlens_kv_padded=padded,
+        max_seqlen_q=max_seqlen,
+        max_seqlen_kv=max_seqlen,
+    )
+    split = dict(batch)
+    if g.cp_size > 1:
+        for key, value in batch.items():
+            if key not in THD_KEYS and value is not None:
+                split[key] = shard_sequence(value, 1, g, ring_impl, padded)
+    return split, packed_seq_params
 
 
 def get_batch_on_this_usp_rank(
@@ -29,16 +90,30 @@ def get_batch_on_this_usp_rank(
 ) -> dict[str, Any]:
     """A new dict with each tensor of ``batch`` cut to this rank's positions (None kept).
 
-    ``groups`` defaults to the ones Megatron's ``parallel_state`` holds.
+    A batch with ``cu_seqlens`` (packed documents) is split by
+    :func:`get_thd_batch_on_this_usp_rank` and gets the model's ``PackedSeqParams`` under
+    ``"packed_seq_params"``. ``groups`` defaults to the ones Megatron's ``parallel_state``
+    holds.
     """
-    packed = [key for key in PACKED_SEQUENCE_KEYS if batch.get(key) is not None]
-    if packed:
+    hybrid = [key for key in HYBRID_CP_KEYS if batch.get(key) is not None]
+    if hybrid:
         raise ValueError(
-            f"USP takes unpacked [b, s] sequences, but the batch has packed-sequence entries "
-            f"{packed}: drop --sft, --dataloader-inter-document-masking and "
+            f"the batch has hybrid context-parallel entries {hybrid}: drop "
             "--hybrid-context-parallel (or the --usp-* flags)"
         )
+    if batch.get("cu_seqlens") is None and batch.get("cu_seqlens_padded") is not None:
+        raise ValueError(
+            "the batch has cu_seqlens_padded but no cu_seqlens: packed documents need both "
+            "(cu_seqlens: the real boundaries)"
+        )
     g = groups if groups is not None else usp_groups_from_megatron()
+    if batch.get("cu_seqlens") is not None:
+        split, params = get_thd_batch_on_this_usp_rank(
+            batch, batch["cu_seqlens"], batch.get("cu_seqlens_padded"),
+            batch.get("max_seqlen"), ring_impl, g,
+        )  # fmt: skip
+        split["packed_seq_params"] = params
+        return split
     if g.cp_size == 1:
         return dict(batch)
     return {

@@ -59,6 +59,31 @@ def describe_head_split(
     )
 
 
+def _thd_documents(packed_seq_params: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(cu_seqlens, cu_seqlens_padded)`` of THD ``packed_seq_params``; None for none."""
+    if packed_seq_params is None:
+        return None
+    if packed_seq_params.qkv_format != "thd" or packed_seq_params.cu_seqlens_q is None:
+        raise ValueError(
+            f"USP attention takes packed sequences in qkv_format 'thd' with cu_seqlens_q, got "
+            f"qkv_format={packed_seq_params.qkv_format!r}; pass packed_seq_params=None otherwise"
+        )
+    params = packed_seq_params
+    for q_name, kv_name in (
+        ("cu_seqlens_q", "cu_seqlens_kv"),
+        ("cu_seqlens_q_padded", "cu_seqlens_kv_padded"),
+    ):
+        q_side, kv_side = getattr(params, q_name), getattr(params, kv_name)
+        if kv_side is None or q_side is kv_side:
+            continue
+        if q_side is None or not torch.equal(q_side, kv_side):
+            raise ValueError(
+                f"USP attention is self-attention: {q_name} and {kv_name} must be equal, got "
+                f"{q_side} and {kv_side}"
+            )
+    return params.cu_seqlens_q, params.cu_seqlens_q_padded
+
+
 class USPAttention(MegatronModule):
     """Drop-in for ``DotProductAttention`` / ``TEDotProductAttention`` under USP."""
 
@@ -127,6 +152,32 @@ class USPAttention(MegatronModule):
             or self.groups.cp_size == 1
         )
 
+    def _forward_thd(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        causal: bool,
+        cu_seqlens: torch.Tensor,
+        cu_seqlens_padded: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Packed documents: ``[t, heads, hn]`` (or ``[t, 1, heads, hn]``) in and out."""
+        if self.window_size is not None:
+            raise ValueError(
+                f"window_size={self.window_size} with packed (THD) sequences is not supported"
+            )
+        with_batch = query.dim() == 4
+        if with_batch and query.shape[1] != 1:
+            raise ValueError(f"THD query must be [t, 1, heads, hn], got {tuple(query.shape)}")
+        # [t, heads, hn] or [t, 1, heads, hn] -> [1, t, heads, hn]
+        q, k, v = (t.reshape(1, t.shape[0], *t.shape[-2:]) for t in (query, key, value))
+        out = self.attention(
+            q, k, v, causal=causal, softmax_scale=self.softmax_scale,
+            cu_seqlens=cu_seqlens, cu_seqlens_padded=cu_seqlens_padded,
+        )  # fmt: skip
+        # [1, t, np, hn] -> [t, np * hn] (or [t, 1, np * hn])
+        return out.reshape(query.shape[0], 1, -1) if with_batch else out.reshape(q.shape[1], -1)
+
     @staticmethod
     def _check_mask_type(attn_mask_type: AttnMaskType) -> AttnMaskType:
         if attn_mask_type not in _CAUSAL:
@@ -150,11 +201,12 @@ class USPAttention(MegatronModule):
 
         ``attention_mask`` is ignored, as ``TEDotProductAttention`` ignores it for the
         causal mask type: the mask is implied by the sequence layout.
+
+        Packed documents (``packed_seq_params.qkv_format == "thd"``): query ``[t, np, hn]``
+        (or ``[t, 1, np, hn]``), this rank's THD shard -> ``[t, np * hn]`` (``[t, 1, ...]``);
+        the documents come from ``cu_seqlens_q`` / ``cu_seqlens_q_padded``.
         """
-        if packed_seq_params is not None:
-            raise ValueError(
-                "USP attention does not take packed (THD) sequences; pass packed_seq_params=None"
-            )
+        documents = _thd_documents(packed_seq_params)
         if attention_bias is not None:
             raise ValueError("USP attention does not take an attention_bias")
         if not self.positions_confirmed:
@@ -168,6 +220,8 @@ class USPAttention(MegatronModule):
         mask_type = self._check_mask_type(
             self.attn_mask_type if attn_mask_type is None else attn_mask_type
         )
+        if documents is not None:
+            return self._forward_thd(query, key, value, _CAUSAL[mask_type], *documents)
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, heads, hn]
         out = self.attention(
             q, k, v, causal=_CAUSAL[mask_type], softmax_scale=self.softmax_scale,

@@ -13,6 +13,8 @@ running the script). It replaces, each in every place the supported tags look it
   GPT spec builder (dense, MoE, MTP) asks for its core attention;
 - ``get_batch_on_this_cp_rank`` (the batch split): in ``megatron.core.utils``, where 0.19's
   script imports it from, and in ``megatron.training.utils``, where 0.16's did;
+- ``get_thd_batch_on_this_cp_rank`` in ``megatron.core.utils`` (the packed-documents
+  split, which ``pretrain_gpt.py`` imports by name and which needs TransformerEngine);
 - the ``RotaryEmbedding`` that ``GPTModel`` builds (the RoPE slice of stripe and basic).
 
 Every hook reads the flags from Megatron-LM's own ``get_args()`` when it runs, and is a
@@ -34,7 +36,10 @@ from usp_megatron.megatron.arguments import (
     usp_enabled,
     validate_usp_args,
 )
-from usp_megatron.megatron.batch import get_batch_on_this_usp_rank
+from usp_megatron.megatron.batch import (
+    get_batch_on_this_usp_rank,
+    get_thd_batch_on_this_usp_rank,
+)
 from usp_megatron.megatron.rope import USPRotaryEmbedding
 from usp_megatron.megatron.specs import usp_core_attention
 
@@ -134,6 +139,29 @@ def wrap_batch_split(get_batch_on_this_cp_rank: Callable, get_args: Callable) ->
     return _mark(hooked)
 
 
+def wrap_thd_batch_split(get_thd_batch_on_this_cp_rank: Callable, get_args: Callable) -> Callable:
+    """Megatron's packed-documents (THD) batch split, or USP's: the same indices, without
+    TransformerEngine, and THD is zigzag's (stripe and basic are refused there)."""
+    if _hooked(get_thd_batch_on_this_cp_rank):
+        return get_thd_batch_on_this_cp_rank
+
+    @functools.wraps(get_thd_batch_on_this_cp_rank)
+    def hooked(
+        batch: dict, cu_seqlens: Any, cu_seqlens_padded: Any, max_seqlen: Any, *rest: Any,
+        **kwargs: Any,
+    ) -> tuple:  # fmt: skip
+        args = get_args()
+        if not usp_enabled(args):
+            return get_thd_batch_on_this_cp_rank(
+                batch, cu_seqlens, cu_seqlens_padded, max_seqlen, *rest, **kwargs
+            )
+        return get_thd_batch_on_this_usp_rank(
+            batch, cu_seqlens, cu_seqlens_padded, max_seqlen, ring_impl=args.usp_ring_impl
+        )
+
+    return _mark(hooked)
+
+
 def wrap_rotary_embedding(rotary_embedding: type, get_args: Callable) -> Callable:
     """What ``GPTModel`` calls to build its RoPE: USP's slice for stripe and basic."""
     if _hooked(rotary_embedding):
@@ -205,4 +233,8 @@ def install(add_flags: bool = False) -> None:
         "get_batch_on_this_cp_rank",
         lambda split: wrap_batch_split(split, get_args),
     )
+    if hasattr(core_utils, "get_thd_batch_on_this_cp_rank"):
+        core_utils.get_thd_batch_on_this_cp_rank = wrap_thd_batch_split(
+            core_utils.get_thd_batch_on_this_cp_rank, get_args
+        )
     gpt_model.RotaryEmbedding = wrap_rotary_embedding(gpt_model.RotaryEmbedding, get_args)

@@ -59,7 +59,10 @@ class USPRotaryEmbedding(RotaryEmbedding):
     ) -> torch.Tensor:
         """``max_seq_len`` is the global length; returns ``[s_local, 1, 1, dim]``."""
         if packed_seq:
-            raise ValueError("USP rotary embedding does not take packed (THD) sequences")
+            raise ValueError(
+                f"packed (THD) sequences need ring_impl='zigzag' (whose RoPE is Megatron's own "
+                f"THD rotary), not {self.ring_impl!r}"
+            )
         emb = self.get_emb(max_seq_len, offset)
         if self.groups.cp_size == 1:
             return emb

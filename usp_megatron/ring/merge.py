@@ -12,12 +12,15 @@ def merge_by_lse(
 
     out: [b, s, h, d] float32/64 accumulator (a view is fine); lse: [b, h, s] accumulator;
     block_out: [b, s, h, d] any float dtype; block_lse: [b, h, s]. Rows whose accumulator
-    is empty (lse = -inf) take the block's result. Two passes over ``out``: a scale, then
+    is empty (lse = -inf) take the block's result; rows empty in both (packed documents'
+    padding) stay 0 with lse -inf, not NaN. Two passes over ``out``: a scale, then
     a multiply-add that reads the block in its own dtype (no float32 copy of it).
     """
     block_lse = block_lse.to(lse.dtype)
     new_lse = torch.logaddexp(lse, block_lse)
-    keep = torch.exp(lse - new_lse).transpose(1, 2).unsqueeze(-1)
-    take = torch.exp(block_lse - new_lse).transpose(1, 2).unsqueeze(-1)
+    # -inf - -inf is NaN: shift empty rows by 0 instead, which weighs both sides by 0.
+    shift = new_lse.masked_fill(torch.isneginf(new_lse), 0.0)
+    keep = torch.exp(lse - shift).transpose(1, 2).unsqueeze(-1)
+    take = torch.exp(block_lse - shift).transpose(1, 2).unsqueeze(-1)
     out.mul_(keep).addcmul_(block_out, take)
     lse.copy_(new_lse)

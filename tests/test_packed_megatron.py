@@ -1,0 +1,126 @@
+"""Packed documents (THD) in Megatron: the batch split against Megatron's THD index rule,
+the PackedSeqParams it gives back, the Megatron-LM hook, and RoPE: Megatron's own THD
+rotary on a USP shard gives every token the angle of its position in its document."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from test_packed import _thd_partitioned_indices
+
+from usp_megatron.groups import USPGroups
+from usp_megatron.megatron.batch import get_batch_on_this_usp_rank, get_thd_batch_on_this_usp_rank
+
+DEGREES = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (1, 4)]
+PADDED = [0, 16, 24, 56, 64]
+REAL = [0, 13, 14, 44, 45]
+
+
+def _groups(ulysses, ring, cp_rank):
+    return USPGroups(None, None, ulysses, ring, cp_rank % ulysses, cp_rank // ulysses)
+
+
+def _batch(seq_len):
+    gen = torch.Generator().manual_seed(5)
+    return {
+        "tokens": torch.randint(0, 100, (1, seq_len), generator=gen),
+        "labels": torch.randint(0, 100, (1, seq_len), generator=gen),
+        "loss_mask": torch.rand(1, seq_len, generator=gen),
+        "position_ids": torch.arange(seq_len)[None],
+        "attention_mask": None,
+    }
+
+
+@pytest.mark.parametrize("ulysses,ring", DEGREES)
+def test_thd_batch_split_is_megatrons(ulysses, ring):
+    cp = ulysses * ring
+    padded = torch.tensor(PADDED, dtype=torch.int32)
+    real = torch.tensor(REAL, dtype=torch.int32)
+    batch = _batch(PADDED[-1])
+    for c in range(cp):
+        split, params = get_thd_batch_on_this_usp_rank(
+            batch, real, padded, torch.tensor([32]), groups=_groups(ulysses, ring, c)
+        )
+        index = _thd_partitioned_indices(PADDED, cp, c)
+        for key in ("tokens", "labels", "loss_mask", "position_ids"):
+            assert torch.equal(split[key], batch[key].index_select(1, index)), (key, c)
+        assert split["attention_mask"] is None
+        assert params.qkv_format == "thd" and params.max_seqlen_q == params.max_seqlen_kv == 32
+        assert params.cu_seqlens_q is real and params.cu_seqlens_kv is real
+        assert params.cu_seqlens_q_padded is padded and params.cu_seqlens_kv_padded is padded
+
+
+def test_batch_with_cu_seqlens_is_split_as_thd():
+    padded = torch.tensor([PADDED], dtype=torch.int32)  # as a data loader batches it
+    batch = dict(_batch(PADDED[-1]), cu_seqlens=torch.tensor([REAL]), cu_seqlens_padded=padded)
+    split = get_batch_on_this_usp_rank(batch, groups=_groups(2, 2, 3))
+    index = _thd_partitioned_indices(PADDED, 4, 3)
+    assert torch.equal(split["tokens"], batch["tokens"].index_select(1, index))
+    assert split["cu_seqlens"] is batch["cu_seqlens"]
+    params = split["packed_seq_params"]
+    assert params.max_seqlen_q == 32  # the longest padded document
+    assert params.cu_seqlens_q_padded.tolist() == PADDED
+
+
+def test_thd_batch_split_refuses_stripe():
+    with pytest.raises(ValueError, match="need ring_impl='zigzag', got 'stripe'"):
+        get_thd_batch_on_this_usp_rank(
+            _batch(PADDED[-1]), torch.tensor(REAL), torch.tensor(PADDED), 32, "stripe",
+            _groups(2, 1, 0),
+        )  # fmt: skip
+
+
+class _FakeCPGroup:
+    """What Megatron's THD RoPE reads of the context-parallel group: size and rank."""
+
+    def __init__(self, size, rank):
+        self._size, self._rank = size, rank
+
+    def size(self):
+        return self._size
+
+    def rank(self):
+        return self._rank
+
+
+@pytest.mark.parametrize("ulysses,ring", DEGREES)
+def test_megatron_thd_rope_on_a_usp_shard_is_per_document(ulysses, ring, monkeypatch):
+    """GPTModel's packed path (unsliced table, ``_apply_rotary_pos_emb_thd`` with the CP
+    group) on this rank's tokens = the one-rank rotary at each token's document position."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")  # RoPE's table device
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_thd
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from usp_megatron import local_positions
+
+    cp, dim = ulysses * ring, 8
+    rotary = RotaryEmbedding(kv_channels=dim, rotary_percent=1.0, use_cpu_initialization=True)
+    freqs = rotary(32, packed_seq=True)  # [max_seqlen, 1, 1, dim]: what GPTModel passes
+    padded = torch.tensor(PADDED, dtype=torch.int32)
+    full = torch.randn(PADDED[-1], 2, dim, dtype=torch.float64).float()
+    one_rank = _apply_rotary_pos_emb_thd(full, padded, freqs, cp_group=_FakeCPGroup(1, 0))
+    for c in range(cp):
+        u, r = c % ulysses, c // ulysses
+        positions = local_positions(PADDED[-1], ulysses, ring, u, r, cu_seqlens_padded=padded)
+        mine = _apply_rotary_pos_emb_thd(
+            full[positions], padded, freqs, cp_group=_FakeCPGroup(cp, c)
+        )
+        assert torch.equal(mine, one_rank[positions]), c
+
+
+def test_megatron_lm_thd_hook_routes_to_usp_when_enabled():
+    from usp_megatron.megatron.megatron_lm import wrap_thd_batch_split
+
+    calls = []
+
+    def megatron_split(batch, cu_seqlens, cu_seqlens_padded, max_seqlen):
+        calls.append("megatron")
+        return batch, None
+
+    enabled = argparse.Namespace(usp_ulysses_degree=1, usp_ring_degree=1, usp_ring_impl="zigzag")
+    hooked = wrap_thd_batch_split(megatron_split, lambda: enabled)
+    assert wrap_thd_batch_split(hooked, lambda: enabled) is hooked
+    hooked(_batch(PADDED[-1]), torch.tensor(REAL), torch.tensor(PADDED), torch.tensor([32]))
+    assert calls == ["megatron"]
