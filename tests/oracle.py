@@ -70,6 +70,6 @@ def document_attention_float64(
     group = q.shape[2] // k.shape[2]
     k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
-    scores = scores.masked_fill(~seen, float("-inf"))
+    scores = scores.masked_fill(~seen.to(q.device), float("-inf"))
     out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
-    return out * real_token.double()[None, :, None, None]
+    return out * real_token.to(q.device).double()[None, :, None, None]
