@@ -7,6 +7,7 @@ Parts (``--parts``, comma-separated):
   heads of 128). Run it under two checkouts (``PYTHONPATH``) for an A/B of the package.
 - ``window``: fwd+bwd of the whole sequence on one GPU, dense (cuDNN, flash) against a
   sliding window (flash), and the share of ring block work a window leaves per layout.
+- ``packed``: packed documents (varlen flash) against dense causal of the same length.
 - ``blocks``: cuDNN fwd+bwd time and TFLOP/s of one ring block by block length and heads
   per rank: the kernel-efficiency term of ``choose_degrees``' cost model.
 
@@ -187,7 +188,33 @@ def blocks(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-PARTS = {"overhead": overhead, "window": window, "blocks": blocks}
+def packed(args: argparse.Namespace) -> list[dict]:
+    """Packed documents (varlen flash) against dense causal attention of the same length."""
+    groups = init_usp_groups(1, 1)
+    rows = []
+    for seq_len, docs in ((32768, 8), (32768, 32), (131072, 32)):
+        q, k, v = make_qkv(seq_len, 32, 128)
+        dout = torch.randn_like(q)
+        cu = torch.arange(0, seq_len + 1, seq_len // docs, dtype=torch.int32, device="cuda")
+        methods = [("dense cuDNN", "torch_cudnn", None), ("dense flash", "torch_flash", None),
+                   (f"{docs} documents, flash varlen", "torch", cu)]  # fmt: skip
+        for name, backend, cu_seqlens in methods:
+            attn = LongContextAttention(groups, backend=backend)
+
+            def step(attn=attn, cu_seqlens=cu_seqlens, q=q, k=k, v=v, dout=dout) -> None:
+                attn(q, k, v, causal=True, cu_seqlens=cu_seqlens).backward(dout)
+
+            ms = timed_ms(step, 3, args.iters_long)
+            rows.append(dict(seq_len=seq_len, documents=docs, method=name, ms=ms))
+        del q, k, v, dout
+    print("\npacked documents vs dense causal, 32 heads x 128, bf16, fwd+bwd, one GPU")
+    print(f"{'tokens':>8} {'method':<30} {'ms':>9}")
+    for r in rows:
+        print(f"{r['seq_len']:>8} {r['method']:<30} {r['ms']:>9.2f}")
+    return rows
+
+
+PARTS = {"overhead": overhead, "window": window, "blocks": blocks, "packed": packed}
 
 
 def main() -> None:
