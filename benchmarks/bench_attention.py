@@ -33,44 +33,75 @@ from usp_megatron.layout import RING_IMPLS  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--seqlens", default="32768,65536,131072",
-                   help="total sequence lengths (32K = 32768)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--seqlens", default="32768,65536,131072", help="total sequence lengths (32K = 32768)"
+    )
     p.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd")
     p.add_argument("--configs", default=None, help="UxR list (default: every factorisation of N)")
     p.add_argument("--impls", default=",".join(RING_IMPLS), help="ring impls (ours and YunChang)")
-    p.add_argument("--backends", default=None,
-                   help="our kernel backends, or 'none' (default: those present here, less "
-                        + ", ".join(sorted(NOT_BY_DEFAULT)) + ")")
+    p.add_argument(
+        "--backends",
+        default=None,
+        help="our kernel backends, or 'none' (default: those present here, less "
+        + ", ".join(sorted(NOT_BY_DEFAULT))
+        + ")",
+    )
     p.add_argument("--peers", default="torch_cp,yunchang", help="torch_cp, yunchang, or 'none'")
-    p.add_argument("--torch-cp-backends", default=None,
-                   help="SDPA backends for PyTorch CP (default cudnn,flash; CPU: default)")
+    p.add_argument(
+        "--torch-cp-backends",
+        default=None,
+        help="SDPA backends for PyTorch CP (default cudnn,flash; CPU: default)",
+    )
     p.add_argument("--torch-cp-rotate", default="allgather", choices=("allgather", "alltoall"))
-    p.add_argument("--yunchang-attn", default=None,
-                   help="YunChang attn_type values (default torch_flash; CPU: torch_math)")
-    p.add_argument("--ref-backends", default=None,
-                   help="one-GPU SDPA backends, the first that runs wins "
-                        "(default cudnn,flash; CPU: default)")
-    p.add_argument("--gqa", default="off", choices=("off", "on", "both"),
-                   help=f"on: kv heads = heads/{configs.GQA_RATIO}; both: MHA and GQA")
+    p.add_argument(
+        "--yunchang-attn",
+        default=None,
+        help="YunChang attn_type values (default torch_flash; CPU: torch_math)",
+    )
+    p.add_argument(
+        "--ref-backends",
+        default=None,
+        help="one-GPU SDPA backends, the first that runs wins (default cudnn,flash; CPU: default)",
+    )
+    p.add_argument(
+        "--gqa",
+        default="off",
+        choices=("off", "on", "both"),
+        help=f"on: kv heads = heads/{configs.GQA_RATIO}; both: MHA and GQA",
+    )
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
-                   help="default bfloat16 (CPU: float32)")
-    p.add_argument("--device", default=None, choices=("cuda", "cpu"),
-                   help="cuda with NCCL, or cpu with gloo for a smoke run "
-                        "(default: cuda if present)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=("bfloat16", "float16", "float32"),
+        help="default bfloat16 (CPU: float32)",
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        choices=("cuda", "cpu"),
+        help="cuda with NCCL, or cpu with gloo for a smoke run (default: cuda if present)",
+    )
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--budget-s", type=float, default=540.0,
-                   help="start no case after this many seconds (the default keeps a run "
-                        "under 10 minutes)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=540.0,
+        help="start no case after this many seconds (the default keeps a run under 10 minutes)",
+    )
     p.add_argument("--nccl-timeout-s", type=float, default=300.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=os.environ.get("RESULTS_DIR") or os.environ.get("OUT")
-                   or "bench_out", help="output folder; $RESULTS_DIR, when set, is the default")
+    p.add_argument(
+        "--out",
+        default=os.environ.get("RESULTS_DIR") or os.environ.get("OUT") or "bench_out",
+        help="output folder; $RESULTS_DIR, when set, is the default",
+    )
     a = p.parse_args(argv)
 
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -93,8 +124,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a.seqlens = configs.parse_seq_lens(a.seqlens)
         a.kv_heads = configs.kv_head_counts(a.heads, a.gqa)
         for flag, values, allowed in (
-            ("--modes", a.modes, configs.MODES), ("--impls", a.impls, RING_IMPLS),
-            ("--backends", a.backends, BACKENDS), ("--peers", a.peers, ("torch_cp", "yunchang")),
+            ("--modes", a.modes, configs.MODES),
+            ("--impls", a.impls, RING_IMPLS),
+            ("--backends", a.backends, BACKENDS),
+            ("--peers", a.peers, ("torch_cp", "yunchang")),
             ("--torch-cp-backends", a.torch_cp_backends, sdpa_names),
             ("--ref-backends", a.ref_backends, sdpa_names),
         ):
@@ -117,9 +150,11 @@ def main(argv: list[str] | None = None) -> None:
     args.torch_device = join_world(args.device, args.nccl_timeout_s)
     try:
         sweep = Sweep(args)
-        sweep.log(f"{len(methods)} cases x {len(args.modes)} modes x {len(args.seqlens)} lengths x "
-                  f"{len(args.kv_heads)} head layouts on {dist.get_world_size()} ranks; "
-                  f"FLOPs: {FLOP_CONVENTION}")
+        sweep.log(
+            f"{len(methods)} cases x {len(args.modes)} modes x {len(args.seqlens)} lengths x "
+            f"{len(args.kv_heads)} head layouts on {dist.get_world_size()} ranks; "
+            f"FLOPs: {FLOP_CONVENTION}"
+        )
         sweep.log("settings: " + json.dumps(sweep.meta()["settings"]))
         sweep.run(methods)
         sweep.finish()

@@ -218,8 +218,9 @@ PARTS = {"overhead": overhead, "window": window, "blocks": blocks, "packed": pac
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--parts", default="overhead,window,blocks")
     parser.add_argument("--window", type=int, default=4096, help="sliding window (left)")
     parser.add_argument("--iters", type=int, default=200, help="iterations, overhead part")

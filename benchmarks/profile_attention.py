@@ -52,10 +52,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
-                   help="cpu: gloo, float32, a smoke run of the script (timings meaningless)")
-    p.add_argument("--out", default=os.environ.get("RESULTS_DIR") or os.environ.get("OUT")
-                   or "profile_out", help="output folder (default: $RESULTS_DIR, else profile_out)")
+    p.add_argument(
+        "--device",
+        default="cuda",
+        choices=("cuda", "cpu"),
+        help="cpu: gloo, float32, a smoke run of the script (timings meaningless)",
+    )
+    p.add_argument(
+        "--out",
+        default=os.environ.get("RESULTS_DIR") or os.environ.get("OUT") or "profile_out",
+        help="output folder (default: $RESULTS_DIR, else profile_out)",
+    )
     args = p.parse_args(argv)
     args.torch_dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     args.backends = args.backends.split(",")
@@ -66,10 +73,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.seq_len = configs.parse_seq_len(args.seq_len, "--seq-len")
         configs.check_choices("--parts", args.parts, PARTS)
         # Largest U first when not given (the profiler's order since it was written).
-        args.configs = (configs.parse_configs(args.configs, world) if args.configs
-                        else configs.factorizations(world)[::-1])
-        args.trace = (configs.parse_configs(args.trace, world, "--trace") if args.trace
-                      else args.configs)
+        args.configs = (
+            configs.parse_configs(args.configs, world)
+            if args.configs
+            else configs.factorizations(world)[::-1]
+        )
+        args.trace = (
+            configs.parse_configs(args.trace, world, "--trace") if args.trace else args.configs
+        )
     except ValueError as exc:
         p.error(str(exc))
     return args
@@ -83,8 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     if dist.get_rank() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-        print(f"{name} x {world}, torch {torch.__version__}, "
-              f"S={args.seq_len} heads={args.heads} d={args.head_dim} impl={args.impl}")
+        print(
+            f"{name} x {world}, torch {torch.__version__}, "
+            f"S={args.seq_len} heads={args.heads} d={args.head_dim} impl={args.impl}"
+        )
     rows: list[dict] = []
     for name in args.parts:
         new = run_part(name, args, out_dir)

@@ -70,13 +70,17 @@ def all_to_all_round_trip(
             heads_to_seq_start(got, dests, layout, groups.ulysses_group).wait()
             dense = got[0].transpose(0, 1).contiguous().transpose(0, 1)  # sent as it is
             single = torch.full_like(shards[0], float("nan"))
-            pending = heads_to_seq_start([dense], [split_heads(single, runs[0])[0]], layout,
-                                         groups.ulysses_group)
+            pending = heads_to_seq_start(
+                [dense], [split_heads(single, runs[0])[0]], layout, groups.ulysses_group
+            )
             pending.wait()
             if pending.sent.data_ptr() != dense.data_ptr():
                 problems.append(f"{case}: a sequence-major tensor was copied before sending")
-            for name, back, want in (("packed", backs[0], shards[0]), ("packed", backs[1],
-                                     shards[1]), ("as it is", single, shards[0])):
+            for name, back, want in (
+                ("packed", backs[0], shards[0]),
+                ("packed", backs[1], shards[1]),
+                ("as it is", single, shards[0]),
+            ):
                 if not torch.equal(back, want):
                     problems.append(f"{case}: heads -> sequence ({name}) differs")
     return problems

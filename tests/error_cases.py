@@ -35,9 +35,7 @@ def try_bad_inputs() -> dict[str, str]:
     messages["gqa ratio"] = _raises(
         lambda: attn(x, torch.randn(1, 4, 3, 8), torch.randn(1, 4, 3, 8))
     )
-    messages["zigzag seq len"] = _raises(
-        lambda: attn(*(torch.randn(1, 3, 4, 8) for _ in range(3)))
-    )
+    messages["zigzag seq len"] = _raises(lambda: attn(*(torch.randn(1, 3, 4, 8) for _ in range(3))))
     messages["dtype mismatch"] = _raises(lambda: attn(x, x.double(), x.double()))
     messages["shape mismatch"] = _raises(lambda: attn(x, x[:, :2], x[:, :2]))
     messages["not 4-D"] = _raises(lambda: attn(x[0], x[0], x[0]))

@@ -40,8 +40,12 @@ def shard_gather_round_trip() -> list[str]:
             full = torch.randn(3, 8 * world, 5, generator=torch.Generator().manual_seed(world))
             local = shard_sequence(full, 1, groups, impl)
             expected_positions = local_positions(
-                full.shape[1], ulysses, world // ulysses,
-                groups.ulysses_rank, groups.ring_rank, impl,
+                full.shape[1],
+                ulysses,
+                world // ulysses,
+                groups.ulysses_rank,
+                groups.ring_rank,
+                impl,
             )
             if not torch.equal(local, full[:, expected_positions]):
                 problems.append(f"U{ulysses} {impl}: shard is not the local positions")

@@ -108,7 +108,13 @@ def run_packed_cases(
             if not causal and heads != (4, 4):
                 continue
             errors = run_packed_case(
-                groups, lens, causal, heads, dtype, backend, 64 if device.type == "cuda" else 8,
+                groups,
+                lens,
+                causal,
+                heads,
+                dtype,
+                backend,
+                64 if device.type == "cuda" else 8,
                 device,
             )
             case = f"U{ulysses}xR{ring} {name} {lens} causal={causal} (hq, hkv)={heads}"

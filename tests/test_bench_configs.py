@@ -12,10 +12,17 @@ from attnbench.configs import (
 )
 
 
-@pytest.mark.parametrize("text, tokens", [
-    ("256", 256), ("32768", 32768), ("32K", 32768), ("32k", 32768), (" 128K ", 131072),
-    ("1M", 2**20),
-])
+@pytest.mark.parametrize(
+    "text, tokens",
+    [
+        ("256", 256),
+        ("32768", 32768),
+        ("32K", 32768),
+        ("32k", 32768),
+        (" 128K ", 131072),
+        ("1M", 2**20),
+    ],
+)
 def test_seq_len_parses_counts_and_k_m_suffixes(text, tokens):
     assert parse_seq_len(text) == tokens
 
@@ -34,10 +41,16 @@ def test_seq_lens_is_a_list_and_needs_one():
         parse_seq_lens("32K,64Kb")
 
 
-@pytest.mark.parametrize("world, pairs", [
-    (1, [(1, 1)]), (2, [(1, 2), (2, 1)]), (4, [(1, 4), (2, 2), (4, 1)]),
-    (6, [(1, 6), (2, 3), (3, 2), (6, 1)]), (8, [(1, 8), (2, 4), (4, 2), (8, 1)]),
-])
+@pytest.mark.parametrize(
+    "world, pairs",
+    [
+        (1, [(1, 1)]),
+        (2, [(1, 2), (2, 1)]),
+        (4, [(1, 4), (2, 2), (4, 1)]),
+        (6, [(1, 6), (2, 3), (3, 2), (6, 1)]),
+        (8, [(1, 8), (2, 4), (4, 2), (8, 1)]),
+    ],
+)
 def test_factorizations_every_u_times_r(world, pairs):
     assert factorizations(world) == pairs
 
@@ -47,14 +60,17 @@ def test_configs_default_and_given():
     assert parse_configs("2x2, 4X1", 4) == [(2, 2), (4, 1)]
 
 
-@pytest.mark.parametrize("text, world, message", [
-    ("2x", 4, "--configs entry '2x' is not UxR"),
-    ("2x2x1", 4, "--configs entry '2x2x1' is not UxR"),
-    ("axb", 4, "--configs entry 'axb' is not UxR"),
-    ("2x2,3x1", 4, r"--configs entry '3x1': 3 \* 1 != world size 4"),
-    ("-1x-4", 4, "--configs entry '-1x-4': U and R must be positive"),
-    ("", 4, "--configs '' names no UxR entry"),
-])
+@pytest.mark.parametrize(
+    "text, world, message",
+    [
+        ("2x", 4, "--configs entry '2x' is not UxR"),
+        ("2x2x1", 4, "--configs entry '2x2x1' is not UxR"),
+        ("axb", 4, "--configs entry 'axb' is not UxR"),
+        ("2x2,3x1", 4, r"--configs entry '3x1': 3 \* 1 != world size 4"),
+        ("-1x-4", 4, "--configs entry '-1x-4': U and R must be positive"),
+        ("", 4, "--configs '' names no UxR entry"),
+    ],
+)
 def test_configs_rejects_with_the_entry(text, world, message):
     with pytest.raises(ValueError, match=message):
         parse_configs(text, world)

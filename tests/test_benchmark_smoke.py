@@ -15,10 +15,31 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_benchmark_smoke_on_cpu(tmp_path):
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        str(REPO / "benchmarks" / "bench_attention.py"), "--device", "cpu", "--seqlens", "256",
-        "--heads", "4", "--head-dim", "16", "--gqa", "both", "--warmup", "1", "--iters", "1",
-        "--peers", "none", "--out", str(tmp_path),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(REPO / "benchmarks" / "bench_attention.py"),
+        "--device",
+        "cpu",
+        "--seqlens",
+        "256",
+        "--heads",
+        "4",
+        "--head-dim",
+        "16",
+        "--gqa",
+        "both",
+        "--warmup",
+        "1",
+        "--iters",
+        "1",
+        "--peers",
+        "none",
+        "--out",
+        str(tmp_path),
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -35,8 +56,12 @@ def test_benchmark_smoke_on_cpu(tmp_path):
     assert (tmp_path / "bench.png").stat().st_size > 0
 
     (tmp_path / "bench.png").unlink()
-    replot = [sys.executable, str(REPO / "benchmarks" / "bench_attention.py"), "--replot",
-              str(tmp_path / "bench.json")]
+    replot = [
+        sys.executable,
+        str(REPO / "benchmarks" / "bench_attention.py"),
+        "--replot",
+        str(tmp_path / "bench.json"),
+    ]
     done = subprocess.run(replot, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "SUMMARY" in done.stdout and (tmp_path / "bench.png").stat().st_size > 0
@@ -44,10 +69,31 @@ def test_benchmark_smoke_on_cpu(tmp_path):
 
 def test_profile_script_smoke_on_cpu(tmp_path):
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        str(REPO / "benchmarks" / "profile_attention.py"), "--device", "cpu", "--seq-len", "256",
-        "--heads", "4", "--head-dim", "16", "--backends", "reference", "--warmup", "1",
-        "--iters", "1", "--parts", "kernel,copy,all_to_all,usp,profile", "--out", str(tmp_path),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(REPO / "benchmarks" / "profile_attention.py"),
+        "--device",
+        "cpu",
+        "--seq-len",
+        "256",
+        "--heads",
+        "4",
+        "--head-dim",
+        "16",
+        "--backends",
+        "reference",
+        "--warmup",
+        "1",
+        "--iters",
+        "1",
+        "--parts",
+        "kernel,copy,all_to_all,usp,profile",
+        "--out",
+        str(tmp_path),
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -57,4 +103,6 @@ def test_profile_script_smoke_on_cpu(tmp_path):
     usp = [row for row in rows if row["part"] == "usp"]
     assert len(usp) == 2 * 2 and all(row["ms"] > 0 for row in usp), usp  # 2x1, 1x2; 1, 2 chunks
     assert sorted(p.name for p in tmp_path.glob("trace_*.json.gz")) == [
-        "trace_U1R2.json.gz", "trace_U2R1.json.gz"]
+        "trace_U1R2.json.gz",
+        "trace_U2R1.json.gz",
+    ]

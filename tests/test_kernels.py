@@ -25,9 +25,7 @@ def _check_kernel(kernel, device, dtype, hq, hkv, causal, tol, sq=48, sk=48, d=3
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = attention_float64(*leaves, causal=causal, scale=scale)
     ref.backward(dout)
-    scores = torch.einsum(
-        "bqhd,bkhd->bhqk", q, k.repeat_interleave(hq // hkv, dim=2)
-    ) * scale
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k.repeat_interleave(hq // hkv, dim=2)) * scale
     if causal:
         scores = scores.masked_fill(torch.ones(sq, sk, dtype=torch.bool).triu(1), float("-inf"))
     ref_lse = scores.logsumexp(-1)
@@ -76,9 +74,7 @@ def test_block_rows_must_see_a_key():
     empty is refused (the layout trims blocks so it never hands one out)."""
     x = torch.randn(1, 8, 2, 8)
     with pytest.raises(ValueError, match="rows that see no key"):
-        get_kernel("reference", "cpu", torch.float32).forward(
-            x[:, :4], x, x, BlockMask(-1, 1), 1.0
-        )
+        get_kernel("reference", "cpu", torch.float32).forward(x[:, :4], x, x, BlockMask(-1, 1), 1.0)
 
 
 GPU_BACKENDS = [b for b in BACKENDS if b not in ("auto", "reference")]
@@ -93,8 +89,9 @@ def test_gpu_kernels_bf16(layout, backend, hq, hkv, causal):
     if backend not in available_backends("cuda", torch.bfloat16):
         pytest.skip(f"{backend} is not available on this machine")
     kernel = get_kernel(backend, "cuda", torch.bfloat16)
-    _check_kernel(kernel, "cuda", torch.bfloat16, hq, hkv, causal, 1e-2, sq=256, sk=256, d=128,
-                  layout=layout)
+    _check_kernel(
+        kernel, "cuda", torch.bfloat16, hq, hkv, causal, 1e-2, sq=256, sk=256, d=128, layout=layout
+    )
 
 
 # Trimmed blocks (every row sees a key, every key is seen), as the layout hands them out.

@@ -213,8 +213,18 @@ class _UlyssesRingFunction(torch.autograd.Function):
         for pending, inputs, destination in zip(incoming, saved, destinations):
             (dout_ring,) = pending.wait()
             grads = ring_backward(
-                groups, layout, ctx.kernel, dout_ring, inputs.q, inputs.k, inputs.v,
-                inputs.out, inputs.lse, ctx.causal, ctx.scale, ctx.window,
+                groups,
+                layout,
+                ctx.kernel,
+                dout_ring,
+                inputs.q,
+                inputs.k,
+                inputs.v,
+                inputs.out,
+                inputs.lse,
+                ctx.causal,
+                ctx.scale,
+                ctx.window,
             )
             outgoing.append(heads_to_seq_start(list(grads), list(destination), layout, group))
         for pending in outgoing:
@@ -383,13 +393,20 @@ class LongContextAttention(nn.Module):
         kernel = self._kernel(q.device, q.dtype, window is not None)
         scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
         if self.groups.ulysses_degree == 1:
-            return ring_attention(
-                self.groups, self.layout, kernel, q, k, v, causal, scale, window
-            )
+            return ring_attention(self.groups, self.layout, kernel, q, k, v, causal, scale, window)
         k, v = split.replicate_kv(k), split.replicate_kv(v)
         return _UlyssesRingFunction.apply(
-            self.groups, self.layout, kernel, causal, scale, window, self.head_chunks, split,
-            q, k, v,
+            self.groups,
+            self.layout,
+            kernel,
+            causal,
+            scale,
+            window,
+            self.head_chunks,
+            split,
+            q,
+            k,
+            v,
         )
 
     def packed_layout(

@@ -435,9 +435,7 @@ class PackedZigzagLayout(SequenceLayout):
             self._tasks[key] = self._document_tasks(ring_rank, kv_rank, causal)
         return self._tasks[key]
 
-    def _document_tasks(
-        self, ring_rank: int, kv_rank: int, causal: bool
-    ) -> tuple[BlockTask, ...]:
+    def _document_tasks(self, ring_rank: int, kv_rank: int, causal: bool) -> tuple[BlockTask, ...]:
         segments = []
         queries, keys = self._halves(ring_rank), self._halves(kv_rank)
         for (row, half, qa, qb), (_, _, ka, kb) in zip(queries, keys):

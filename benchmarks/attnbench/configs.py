@@ -25,8 +25,7 @@ def parse_seq_len(text: str, flag: str = "--seqlens") -> int:
     scale = _SUFFIXES.get(value[-1:].lower(), 1)
     digits = value[:-1] if scale > 1 else value
     if not digits.isdigit() or int(digits) == 0:
-        raise ValueError(f"{flag} entry {text!r} is not a positive token count, "
-                         "e.g. 32768 or 32K")
+        raise ValueError(f"{flag} entry {text!r} is not a positive token count, e.g. 32768 or 32K")
     return int(digits) * scale
 
 
@@ -43,8 +42,9 @@ def factorizations(world_size: int) -> list[tuple[int, int]]:
     return [(u, world_size // u) for u in range(1, world_size + 1) if world_size % u == 0]
 
 
-def parse_configs(text: str | None, world_size: int, flag: str = "--configs"
-                  ) -> list[tuple[int, int]]:
+def parse_configs(
+    text: str | None, world_size: int, flag: str = "--configs"
+) -> list[tuple[int, int]]:
     """``"2x2,4x1"`` -> [(2, 2), (4, 1)] (U x R); ``None``: every factorisation."""
     if text is None:
         return factorizations(world_size)
@@ -60,8 +60,10 @@ def parse_configs(text: str | None, world_size: int, flag: str = "--configs"
             raise ValueError(f"{flag} entry {item!r}: {u} * {r} != world size {world_size}")
         configs.append((u, r))
     if not configs:
-        raise ValueError(f"{flag} {text!r} names no UxR entry; leave it out for every "
-                         f"factorisation of {world_size}")
+        raise ValueError(
+            f"{flag} {text!r} names no UxR entry; leave it out for every "
+            f"factorisation of {world_size}"
+        )
     return configs
 
 
@@ -71,8 +73,7 @@ def kv_head_counts(heads: int, gqa: str) -> list[int]:
         raise ValueError(f"--heads must be positive, got {heads}")
     if gqa != "off" and heads % GQA_RATIO:
         raise ValueError(f"--gqa needs --heads divisible by {GQA_RATIO}, got {heads}")
-    choices = {"off": [heads], "on": [heads // GQA_RATIO],
-               "both": [heads, heads // GQA_RATIO]}
+    choices = {"off": [heads], "on": [heads // GQA_RATIO], "both": [heads, heads // GQA_RATIO]}
     if gqa not in choices:
         raise ValueError(f"--gqa {gqa!r} is not one of {list(choices)}")
     return choices[gqa]

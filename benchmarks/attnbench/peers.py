@@ -24,8 +24,12 @@ from .problems import Attend, Problem, Shard, shard_of
 
 # USP backends that are aliases or unfit for long sequences: run only when asked for.
 NOT_BY_DEFAULT = {"auto", "torch", "reference", "torch_efficient"}
-SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION",
-                 "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+SDPA_BACKENDS = {
+    "cudnn": "CUDNN_ATTENTION",
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "math": "MATH",
+}
 YUNCHANG_IMPL = {"basic": "basic", "zigzag": "zigzag", "stripe": "strip"}
 YUNCHANG_WITH_BACKWARD = {"fa", "fa3"}  # its torch_* attention types raise in backward
 YUNCHANG_WITHOUT_LSE = {"torch_math", "torch_cudnn"}  # return zeros for the log-sum-exp
@@ -84,8 +88,7 @@ def sdpa_attend(backend: str) -> Attend:
     return attend
 
 
-def whole_sequence_shard(problem: Problem, backend: str, grad: bool,
-                         device: torch.device) -> Shard:
+def whole_sequence_shard(problem: Problem, backend: str, grad: bool, device: torch.device) -> Shard:
     """The one-GPU baseline: the whole problem in SDPA's own contiguous [b, h, S, d]."""
     everything = torch.arange(problem.seq_len, device=device)
     return shard_of(problem, everything, True, sdpa_attend(backend), grad)
@@ -103,8 +106,9 @@ class Peer:
         """Why ``method`` cannot run in ``mode``, known without trying (then recorded)."""
         return None
 
-    def open_shard(self, problem: Problem, method: Method, grad: bool
-                   ) -> contextlib.AbstractContextManager[Shard]:
+    def open_shard(
+        self, problem: Problem, method: Method, grad: bool
+    ) -> contextlib.AbstractContextManager[Shard]:
         """This rank's shard of ``problem`` in the family's layout, for the case's duration."""
         raise NotImplementedError
 
@@ -123,8 +127,9 @@ class Usp(Peer):
         key = (method.ulysses, method.ring)
         if key not in self._groups:
             self._groups[key] = init_usp_groups(*key)
-        attn = LongContextAttention(self._groups[key], ring_impl=method.impl,
-                                    backend=method.backend)
+        attn = LongContextAttention(
+            self._groups[key], ring_impl=method.impl, backend=method.backend
+        )
         positions = attn.positions(problem.seq_len).to(self.device)
         yield shard_of(problem, positions, False, functools.partial(attn, causal=True), grad)
 
@@ -159,8 +164,9 @@ class TorchContextParallel(Peer):
             cp_impl.set_rotate_method(self.rotate_method)
         s = problem.seq_len
         pos = torch.arange(s, device=self.device).view(1, 1, s, 1)
-        with context_parallel(self.mesh(), buffers=[pos], buffer_seq_dims=[2],
-                              no_restore_buffers={pos}):
+        with context_parallel(
+            self.mesh(), buffers=[pos], buffer_seq_dims=[2], no_restore_buffers={pos}
+        ):
             positions = pos.reshape(-1).clone()
             yield shard_of(problem, positions, True, sdpa_attend(method.backend), grad)
 
@@ -176,11 +182,12 @@ class YunChang(Peer):
 
     def skip_reason(self, method: Method, mode: str) -> str | None:
         if mode == "fwdbwd" and method.backend not in YUNCHANG_WITH_BACKWARD:
-            return (f"YunChang 0.6.4 has no backward for attn_type {method.backend} "
-                    "(pytorch_attn_backward raises); its backward needs flash-attn")
+            return (
+                f"YunChang 0.6.4 has no backward for attn_type {method.backend} "
+                "(pytorch_attn_backward raises); its backward needs flash-attn"
+            )
         if method.backend in YUNCHANG_WITHOUT_LSE and method.ring > 1:
-            return (f"YunChang's {method.backend} returns no log-sum-exp: wrong for "
-                    "ring degree > 1")
+            return f"YunChang's {method.backend} returns no log-sum-exp: wrong for ring degree > 1"
         return None
 
     def use_groups(self, u: int, r: int) -> None:

@@ -30,8 +30,16 @@ class Problem:
     ref: dict[str, torch.Tensor]  # out, dq, dk, dv of the one-GPU run
 
 
-def make_problem(seq_len: int, heads: int, kv_heads: int, head_dim: int, batch: int,
-                 seed: int, device: torch.device, dtype: torch.dtype) -> Problem:
+def make_problem(
+    seq_len: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    batch: int,
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Problem:
     """Random q, k, v, dout from ``seed + seq_len + kv_heads``: the same on every rank."""
     gen = torch.Generator(device=device).manual_seed(seed + seq_len + kv_heads)
 
@@ -39,8 +47,9 @@ def make_problem(seq_len: int, heads: int, kv_heads: int, head_dim: int, batch: 
         shape = (batch, seq_len, h, head_dim)
         return torch.randn(shape, generator=gen, device=device, dtype=dtype)
 
-    return Problem(seq_len, kv_heads, randn(heads), randn(kv_heads), randn(kv_heads),
-                   randn(heads), {})
+    return Problem(
+        seq_len, kv_heads, randn(heads), randn(kv_heads), randn(kv_heads), randn(heads), {}
+    )
 
 
 @dataclass
@@ -59,8 +68,9 @@ class Shard:
         return x.transpose(1, 2) if self.heads_first else x
 
 
-def shard_of(problem: Problem, positions: torch.Tensor, heads_first: bool,
-             attend: Attend, grad: bool) -> Shard:
+def shard_of(
+    problem: Problem, positions: torch.Tensor, heads_first: bool, attend: Attend, grad: bool
+) -> Shard:
     """Copy this rank's rows out of the full inputs (untimed) into the method's layout."""
 
     def local(full: torch.Tensor, leaf: bool) -> torch.Tensor:
@@ -75,16 +85,19 @@ def shard_of(problem: Problem, positions: torch.Tensor, heads_first: bool,
 def make_step(shard: Shard, mode: str) -> Callable[[], torch.Tensor]:
     """One timed iteration: forward under no_grad, or forward and backward."""
     if mode == "fwd":
+
         def step() -> torch.Tensor:
             with torch.no_grad():
                 return shard.attend(shard.q, shard.k, shard.v)
     else:
+
         def step() -> torch.Tensor:
             for x in (shard.q, shard.k, shard.v):
                 x.grad = None
             out = shard.attend(shard.q, shard.k, shard.v)
             out.backward(shard.dout)
             return out.detach()
+
     return step
 
 

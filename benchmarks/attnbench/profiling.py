@@ -36,8 +36,7 @@ def randn(args: argparse.Namespace, *shape: int, grad: bool = False) -> torch.Te
 
 def kernel_floor_heads(heads: int, configs: list[tuple[int, int]]) -> list[int]:
     """The head counts a rank runs: all, heads / U, heads / (2U) (two head chunks)."""
-    return sorted({heads // (u * c) for u, _ in configs for c in (1, 2)} | {heads},
-                  reverse=True)
+    return sorted({heads // (u * c) for u, _ in configs for c in (1, 2)} | {heads}, reverse=True)
 
 
 def kernel_floor(args: argparse.Namespace, heads_list: list[int]) -> list[dict]:
@@ -87,8 +86,16 @@ def all_to_all_bandwidth(args: argparse.Namespace) -> list[dict]:
             recv = torch.empty_like(send)
             ms = _timed(args, lambda s=send, r=recv: dist.all_to_all_single(r, s))
             moved = mib * (world - 1) / world / 1024  # GiB leaving each rank
-            rows.append(dict(part="all_to_all", tensors=tensors, chunks=chunks, mib=mib, ms=ms,
-                             gib_per_s=moved / (ms / 1e3)))
+            rows.append(
+                dict(
+                    part="all_to_all",
+                    tensors=tensors,
+                    chunks=chunks,
+                    mib=mib,
+                    ms=ms,
+                    gib_per_s=moved / (ms / 1e3),
+                )
+            )
     return rows
 
 
@@ -102,18 +109,20 @@ def copy_bandwidth(args: argparse.Namespace) -> list[dict]:
     dst = torch.empty(world, s, 1, h, d, device=args.torch_device, dtype=args.torch_dtype)
     view = src.permute(2, 1, 0, 3, 4)
     rows = []
-    for name, fn in (("bf16 copy_", lambda: dst.copy_(view)),
-                     ("int64 words", lambda: copy_words_(dst, view)),
-                     ("contiguous copy", lambda: dst.copy_(src.view(dst.shape)))):
+    for name, fn in (
+        ("bf16 copy_", lambda: dst.copy_(view)),
+        ("int64 words", lambda: copy_words_(dst, view)),
+        ("contiguous copy", lambda: dst.copy_(src.view(dst.shape))),
+    ):
         ms = _timed(args, fn)
         gb = 2 * src.numel() * src.element_size() / 1e9
-        rows.append(dict(part="copy", kind=name, mib=gb / 2 * 1e9 / 2**20, ms=ms,
-                         tb_per_s=gb / ms))
+        rows.append(dict(part="copy", kind=name, mib=gb / 2 * 1e9 / 2**20, ms=ms, tb_per_s=gb / ms))
     return rows
 
 
-def usp_step(args: argparse.Namespace, u: int, r: int, chunks: int, backend: str
-             ) -> Callable[[], None]:
+def usp_step(
+    args: argparse.Namespace, u: int, r: int, chunks: int, backend: str
+) -> Callable[[], None]:
     """One USP fwd+bwd on this rank's random shard ``[1, S/N, h, d]``."""
     world = dist.get_world_size()
     groups = init_usp_groups(u, r)
@@ -143,8 +152,9 @@ def variants(args: argparse.Namespace) -> list[dict]:
                     ms = float("nan")
                     if dist.get_rank() == 0:
                         print(f"  {u}x{r} chunks={chunks}: {exc}")
-                rows.append(dict(part="usp", config=f"U{u}R{r}", backend=backend,
-                                 chunks=chunks, ms=ms))
+                rows.append(
+                    dict(part="usp", config=f"U{u}R{r}", backend=backend, chunks=chunks, ms=ms)
+                )
                 del step
                 torch.cuda.empty_cache()
     return rows
@@ -198,9 +208,15 @@ def profile(args: argparse.Namespace, out_dir: Path) -> list[dict]:
             by_name[evt.key][0] += evt.count / 2
             by_name[evt.key][1] += device_us / 2e3
         top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[: args.top]
-        rows.append(dict(part="profile", config=f"U{u}R{r}", by_kind=dict(by_kind),
-                         where="rank 0's GPU" if cuda else "rank 0's host",
-                         top=[dict(name=n[:110], calls=c, ms=ms) for n, (c, ms) in top]))
+        rows.append(
+            dict(
+                part="profile",
+                config=f"U{u}R{r}",
+                by_kind=dict(by_kind),
+                where="rank 0's GPU" if cuda else "rank 0's host",
+                top=[dict(name=n[:110], calls=c, ms=ms) for n, (c, ms) in top],
+            )
+        )
         trace = out_dir / f"trace_U{u}R{r}.json"
         prof.export_chrome_trace(str(trace))
         with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
@@ -233,10 +249,15 @@ def print_rows(rows: list[dict]) -> None:
     """One line per row (``key=value``); a profile row and its top kernels."""
     for row in rows:
         if row["part"] == "profile":
-            print(f"-- profile {row['config']} ({row['where']}, ms per step by kind): "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in sorted(row["by_kind"].items())))
+            print(
+                f"-- profile {row['config']} ({row['where']}, ms per step by kind): "
+                + ", ".join(f"{k} {v:.2f}" for k, v in sorted(row["by_kind"].items()))
+            )
             for t in row["top"]:
                 print(f"   {t['ms']:8.3f} ms  {t['calls']:6.1f} calls  {t['name']}")
         else:
-            print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-                            for k, v in row.items()))
+            print(
+                "  ".join(
+                    f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                )
+            )

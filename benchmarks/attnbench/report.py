@@ -30,8 +30,10 @@ def add_speedups(records: list[dict]) -> None:
     for r in records:
         if r["status"] == "ok" and r["family"] in ("torch_cp", "yunchang"):
             shape = (r["seq_len"], r["kv_heads"], r["mode"])
-            for key in ((r["family"], *shape), (r["family"], *shape, r["ulysses"], r["ring"],
-                                                r["kernel"])):
+            for key in (
+                (r["family"], *shape),
+                (r["family"], *shape, r["ulysses"], r["ring"], r["kernel"]),
+            ):
                 best[key] = min(best.get(key, math.inf), r["ms"])
     for r in records:
         shape = (r["seq_len"], r["kv_heads"], r["mode"])
@@ -41,8 +43,7 @@ def add_speedups(records: list[dict]) -> None:
             ("yunchang_same_ur_kernel", ("yunchang", *shape, r["ulysses"], r["ring"], r["kernel"])),
         ):
             peer_ms = best.get(key)
-            ok = (r["status"] == "ok" and peer_ms is not None
-                  and r["family"] not in (key[0], "1gpu"))
+            ok = r["status"] == "ok" and peer_ms is not None and r["family"] not in (key[0], "1gpu")
             r[f"speedup_vs_{name}"] = peer_ms / r["ms"] if ok else None
 
 
@@ -58,13 +59,16 @@ def _grad_err(r: dict) -> float | None:
 
 
 def format_case(r: dict, elapsed: float) -> str:
-    head = (f"[{elapsed:6.1f}s] {r['mode']:6} kv{r['kv_heads']:<3} {r['seq_len']:>7} "
-            f"{r['label']:<38}")
+    head = (
+        f"[{elapsed:6.1f}s] {r['mode']:6} kv{r['kv_heads']:<3} {r['seq_len']:>7} {r['label']:<38}"
+    )
     if r["status"] != "ok":
         return f"{head} {r['status'].upper()}: {r['reason']}"
-    return (f"{head} {r['ms']:9.2f} ms {r['tflops_per_gpu']:6.1f} TF/s "
-            f"ideal {_num(r['fraction_of_ideal'], '5.3f')} err {_num(r.get('err_out'), '.1e')}"
-            f"/{_num(_grad_err(r), '.1e')} mem {_num(r['peak_gib'], '.2f')} GiB")
+    return (
+        f"{head} {r['ms']:9.2f} ms {r['tflops_per_gpu']:6.1f} TF/s "
+        f"ideal {_num(r['fraction_of_ideal'], '5.3f')} err {_num(r.get('err_out'), '.1e')}"
+        f"/{_num(_grad_err(r), '.1e')} mem {_num(r['peak_gib'], '.2f')} GiB"
+    )
 
 
 def summary_rows(records: list[dict]) -> list[dict]:
@@ -74,8 +78,15 @@ def summary_rows(records: list[dict]) -> list[dict]:
     family_order = {"1gpu": 0, "usp": 1, "torch_cp": 2, "yunchang": 3}
     rows: dict[tuple, dict] = {}
     for r in records:
-        key = (r["mode"], r["kv_heads"], r["seq_len"], family_order[r["family"]],
-               r["ulysses"], r["ring"], r["backend"])
+        key = (
+            r["mode"],
+            r["kv_heads"],
+            r["seq_len"],
+            family_order[r["family"]],
+            r["ulysses"],
+            r["ring"],
+            r["backend"],
+        )
         if r["status"] == "ok" and (key not in rows or r["ms"] < rows[key]["ms"]):
             rows[key] = r
     ran = {key[:4] for key in rows}
@@ -100,15 +111,21 @@ def format_summary(records: list[dict], meta: dict) -> str:
     ]
     for r in summary_rows(records):
         if r["status"] != "ok":
-            lines.append(f"{r['mode']:6} {r['kv_heads']:>3} {r['seq_len']:>7} "
-                         f"{r['family'] + ': no case ran':<38} {r['status']}: {r['reason'][:70]}")
+            lines.append(
+                f"{r['mode']:6} {r['kv_heads']:>3} {r['seq_len']:>7} "
+                f"{r['family'] + ': no case ran':<38} {r['status']}: {r['reason'][:70]}"
+            )
             continue
         head = f"{r['mode']:6} {r['kv_heads']:>3} {r['seq_len']:>7} {r['label']:<38}"
         cells = [
-            format(r["ms"], "9.2f"), format(r["tflops_per_gpu"], "6.1f"),
-            _num(r["fraction_of_ideal"], "6.3f"), _num(r.get("speedup_vs_torch_cp"), "6.2f"),
-            _num(r.get("speedup_vs_yunchang"), "6.2f"), _num(r.get("err_out"), "8.1e"),
-            _num(_grad_err(r), "8.1e"), _num(r["peak_gib"], "6.2f"),
+            format(r["ms"], "9.2f"),
+            format(r["tflops_per_gpu"], "6.1f"),
+            _num(r["fraction_of_ideal"], "6.3f"),
+            _num(r.get("speedup_vs_torch_cp"), "6.2f"),
+            _num(r.get("speedup_vs_yunchang"), "6.2f"),
+            _num(r.get("err_out"), "8.1e"),
+            _num(_grad_err(r), "8.1e"),
+            _num(r["peak_gib"], "6.2f"),
         ]
         lines.append(f"{head} " + " ".join(cells))
     return "\n".join(lines)
@@ -138,22 +155,29 @@ def plot_fractions(records: list[dict], path: Path, meta: dict) -> str:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         return f"(no plot: {exc})"
-    ok = [r for r in records if r["status"] == "ok" and r.get("fraction_of_ideal") is not None
-          and r["family"] != "1gpu"]
+    ok = [
+        r
+        for r in records
+        if r["status"] == "ok" and r.get("fraction_of_ideal") is not None and r["family"] != "1gpu"
+    ]
     if not ok:
         return "(no plot: no case with a fraction of ideal)"
     modes = [m for m in MODES if any(r["mode"] == m for r in ok)]
     kvs = sorted({r["kv_heads"] for r in ok}, reverse=True)  # MHA first
-    fig, axes = plt.subplots(len(kvs), len(modes), figsize=(6.5 * len(modes), 4.5 * len(kvs)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(kvs), len(modes), figsize=(6.5 * len(modes), 4.5 * len(kvs)), squeeze=False
+    )
     for (row, kv), (col, mode) in itertools.product(enumerate(kvs), enumerate(modes)):
         ax = axes[row][col]
         series: dict[str, dict[int, dict]] = {}
         for r in ok:
             if (r["mode"], r["kv_heads"]) != (mode, kv):
                 continue
-            name = {"usp": f"USP best ({r['kernel']})", "torch_cp": f"PyTorch CP ({r['kernel']})",
-                    "yunchang": f"YunChang best ({r['kernel']})"}[r["family"]]
+            name = {
+                "usp": f"USP best ({r['kernel']})",
+                "torch_cp": f"PyTorch CP ({r['kernel']})",
+                "yunchang": f"YunChang best ({r['kernel']})",
+            }[r["family"]]
             points = series.setdefault(name, {})
             best = points.get(r["seq_len"])
             if best is None or r["fraction_of_ideal"] > best["fraction_of_ideal"]:
@@ -165,9 +189,14 @@ def plot_fractions(records: list[dict], path: Path, meta: dict) -> str:
             if name.startswith("USP"):
                 for s in seqs:
                     r = points[s]
-                    ax.annotate(f"{r['ulysses']}x{r['ring']} {r['impl']}",
-                                (s, r["fraction_of_ideal"]), fontsize=7,
-                                textcoords="offset points", xytext=(0, 6), ha="center")
+                    ax.annotate(
+                        f"{r['ulysses']}x{r['ring']} {r['impl']}",
+                        (s, r["fraction_of_ideal"]),
+                        fontsize=7,
+                        textcoords="offset points",
+                        xytext=(0, 6),
+                        ha="center",
+                    )
         ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
         ax.set_xscale("log", base=2)
         seqs = sorted({r["seq_len"] for r in ok})
@@ -189,21 +218,28 @@ def run_meta(settings: dict, world_size: int, device: torch.device, dtype: str) 
     """The run's ``meta``: versions, machine, definitions of the figures, the settings."""
     meta = dict(
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        world_size=world_size, device=str(device), dtype=dtype,
-        torch=torch.__version__, python=platform.python_version(),
-        usp_megatron=getattr(usp_megatron, "__version__", None), argv=sys.argv[1:],
+        world_size=world_size,
+        device=str(device),
+        dtype=dtype,
+        torch=torch.__version__,
+        python=platform.python_version(),
+        usp_megatron=getattr(usp_megatron, "__version__", None),
+        argv=sys.argv[1:],
         flop_convention=FLOP_CONVENTION,
         ideal="T_1 / N, T_1 = one GPU running the whole problem with the reference backend",
         error="||x - x_1gpu|| / ||x_1gpu|| over the whole tensor, float32",
         peak_gib="max over ranks of max_memory_allocated during the case minus the "
-                 "memory allocated before it (inputs shards included)",
+        "memory allocated before it (inputs shards included)",
         ms="median of the timed iterations on each rank, max over ranks",
         settings=settings,
     )
     if device.type == "cuda":
-        meta.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
-                    cudnn=torch.backends.cudnn.version(),
-                    nccl=str(torch.cuda.nccl.version()))
+        meta.update(
+            gpu=torch.cuda.get_device_name(),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            nccl=str(torch.cuda.nccl.version()),
+        )
     try:
         import yunchang
 

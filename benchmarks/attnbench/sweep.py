@@ -38,13 +38,21 @@ def plan_methods(args: argparse.Namespace, world: int) -> list[Method]:
     ValueError on a bad ``--configs``, before any process group exists.
     """
     configs = parse_configs(args.configs, world)
-    methods = [Method("usp", b, u, r, impl) for (u, r) in configs for impl in args.impls
-               for b in args.backends]
+    methods = [
+        Method("usp", b, u, r, impl)
+        for (u, r) in configs
+        for impl in args.impls
+        for b in args.backends
+    ]
     if "torch_cp" in args.peers:
         methods += [Method("torch_cp", b, 1, world) for b in args.torch_cp_backends]
     if "yunchang" in args.peers:
-        methods += [Method("yunchang", b, u, r, impl) for (u, r) in configs for impl in args.impls
-                    for b in args.yunchang_attn]
+        methods += [
+            Method("yunchang", b, u, r, impl)
+            for (u, r) in configs
+            for impl in args.impls
+            for b in args.yunchang_attn
+        ]
     return methods
 
 
@@ -65,9 +73,14 @@ class Sweep:
         self.records: list[dict] = []  # rank 0 only
         self.t1_ms: dict[tuple[int, int, str], float] = {}  # rank 0 only
         self.out_dir = Path(args.out)
-        self.peers: dict[str, Peer] = {peer.family: peer for peer in (
-            Usp(self.device), TorchContextParallel(self.device, args.torch_cp_rotate),
-            YunChang(self.device))}
+        self.peers: dict[str, Peer] = {
+            peer.family: peer
+            for peer in (
+                Usp(self.device),
+                TorchContextParallel(self.device, args.torch_cp_rotate),
+                YunChang(self.device),
+            )
+        }
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "bench.log").write_text("")
@@ -116,11 +129,25 @@ class Sweep:
         if self.rank != 0:
             return
         a = self.args
-        rec = dict(family=method.family, label=method.label, backend=method.backend,
-                   kernel=method.kernel, ulysses=method.ulysses, ring=method.ring,
-                   impl=method.impl, gpus=method.gpus, mode=mode, seq_len=problem.seq_len,
-                   heads=a.heads, kv_heads=problem.kv_heads, head_dim=a.head_dim,
-                   batch=a.batch, dtype=a.dtype, status="ok", reason=None)
+        rec = dict(
+            family=method.family,
+            label=method.label,
+            backend=method.backend,
+            kernel=method.kernel,
+            ulysses=method.ulysses,
+            ring=method.ring,
+            impl=method.impl,
+            gpus=method.gpus,
+            mode=mode,
+            seq_len=problem.seq_len,
+            heads=a.heads,
+            kv_heads=problem.kv_heads,
+            head_dim=a.head_dim,
+            batch=a.batch,
+            dtype=a.dtype,
+            status="ok",
+            reason=None,
+        )
         rec.update(fields)
         if rec["status"] == "ok":
             flops = attention_flops(a.batch, problem.seq_len, a.heads, a.head_dim, mode)
@@ -150,8 +177,13 @@ class Sweep:
         each: list = [None] * self.world
         dist.all_gather_object(each, (statistics.median(times), peak))
         peaks = [p for _, p in each if p is not None]
-        return dict(ms=max(m for m, _ in each), ms_per_rank=[m for m, _ in each],
-                    times_ms_rank0=times, peak_gib=max(peaks) if peaks else None, **errors)
+        return dict(
+            ms=max(m for m, _ in each),
+            ms_per_rank=[m for m, _ in each],
+            times_ms_rank0=times,
+            peak_gib=max(peaks) if peaks else None,
+            **errors,
+        )
 
     def run_case(self, problem: Problem, method: Method, mode: str) -> None:
         peer = self.peers.get(method.family)  # None for the one-GPU row
@@ -203,8 +235,9 @@ class Sweep:
             return None
         memory = PeakMemory(self.device)
         shard = whole_sequence_shard(problem, method.backend, mode == "fwdbwd", self.device)
-        times = time_steps(make_step(shard, mode), self.args.warmup, self.args.iters,
-                           self.device, False)
+        times = time_steps(
+            make_step(shard, mode), self.args.warmup, self.args.iters, self.device, False
+        )
         peak = memory.gib()
         ms = statistics.median(times)
         return dict(ms=ms, ms_per_rank=[ms], times_ms_rank0=times, peak_gib=peak)
@@ -223,8 +256,11 @@ class Sweep:
             for method, mode in every:
                 self.record(stub, method, mode, status="skipped", reason=spent)
             return
-        problem, reason = self.guarded(lambda: make_problem(
-            seq_len, a.heads, kv_heads, a.head_dim, a.batch, a.seed, self.device, self.dtype))
+        problem, reason = self.guarded(
+            lambda: make_problem(
+                seq_len, a.heads, kv_heads, a.head_dim, a.batch, a.seed, self.device, self.dtype
+            )
+        )
         if reason is None:
             backend, reason = self.guarded(
                 lambda: self.reference_on_rank0(problem, grads) if self.rank == 0 else None

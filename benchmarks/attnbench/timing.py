@@ -15,8 +15,9 @@ import torch
 import torch.distributed as dist
 
 
-def time_steps(step: Callable[[], object], warmup: int, iters: int,
-               device: torch.device, sync_ranks: bool) -> list[float]:
+def time_steps(
+    step: Callable[[], object], warmup: int, iters: int, device: torch.device, sync_ranks: bool
+) -> list[float]:
     """Milliseconds of each of ``iters`` calls after ``warmup`` calls (CUDA events on GPU)."""
     for _ in range(warmup):
         step()
@@ -32,8 +33,10 @@ def time_steps(step: Callable[[], object], warmup: int, iters: int,
             step()
             times.append((time.perf_counter() - start) * 1e3)
         return times
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(iters)]
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        for _ in range(iters)
+    ]
     for start, end in events:
         start.record()
         step()
@@ -42,8 +45,7 @@ def time_steps(step: Callable[[], object], warmup: int, iters: int,
     return [start.elapsed_time(end) for start, end in events]
 
 
-def median_ms(step: Callable[[], object], warmup: int, iters: int, device: torch.device
-              ) -> float:
+def median_ms(step: Callable[[], object], warmup: int, iters: int, device: torch.device) -> float:
     """Median of :func:`time_steps` on every rank at once (ranks synchronised)."""
     return statistics.median(time_steps(step, warmup, iters, device, True))
 

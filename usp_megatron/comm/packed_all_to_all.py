@@ -74,9 +74,7 @@ def packed_heads_to_seq_start(
         start += h
     recv = send.new_empty(degree, s, b, total, d)  # [source rank, s, b, h, d]
     works = [
-        dist.all_to_all_single(
-            recv, send.view(degree, s, b, total, d), group=group, async_op=True
-        )
+        dist.all_to_all_single(recv, send.view(degree, s, b, total, d), group=group, async_op=True)
     ]
 
     def finish() -> None:

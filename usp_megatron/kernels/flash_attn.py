@@ -36,24 +36,53 @@ class FlashAttnKernel:
         from flash_attn.flash_attn_interface import _flash_attn_forward
 
         out, lse, *_ = _flash_attn_forward(
-            q, k, v, dropout_p=0.0, softmax_scale=scale, causal=False,
-            window_size_left=left, window_size_right=right, softcap=0.0, alibi_slopes=None,
+            q,
+            k,
+            v,
+            dropout_p=0.0,
+            softmax_scale=scale,
+            causal=False,
+            window_size_left=left,
+            window_size_right=right,
+            softcap=0.0,
+            alibi_slopes=None,
             return_softmax=False,
         )
         return out, lse
 
     def backward(
-        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-        mask: BlockMask, scale: float,
+        self,
+        dout: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        mask: BlockMask,
+        scale: float,
     ) -> Triple:
         from flash_attn.flash_attn_interface import _flash_attn_backward
 
         left, right = mask.flash_window(q.shape[1], k.shape[1])
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         _flash_attn_backward(
-            dout.contiguous(), q, k, v, out, lse.contiguous(), dq, dk, dv,
-            dropout_p=0.0, softmax_scale=scale, causal=False, window_size_left=left,
-            window_size_right=right, softcap=0.0, alibi_slopes=None, deterministic=False,
+            dout.contiguous(),
+            q,
+            k,
+            v,
+            out,
+            lse.contiguous(),
+            dq,
+            dk,
+            dv,
+            dropout_p=0.0,
+            softmax_scale=scale,
+            causal=False,
+            window_size_left=left,
+            window_size_right=right,
+            softcap=0.0,
+            alibi_slopes=None,
+            deterministic=False,
             rng_state=None,
         )
         return dq, dk, dv

@@ -53,8 +53,9 @@ def _varlen_rows(documents: Documents, device: torch.device) -> _VarlenRows:
         cu = torch.tensor([0, *lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
         return index.to(device, non_blocking=True), cu.to(device, non_blocking=True)
 
-    (q, cu_q), (k, cu_k) = rows(documents.q_starts, documents.q_lens), rows(
-        documents.k_starts, documents.k_lens
+    (q, cu_q), (k, cu_k) = (
+        rows(documents.q_starts, documents.q_lens),
+        rows(documents.k_starts, documents.k_lens),
     )
     return _VarlenRows(q, k, cu_q, cu_k)
 
@@ -123,8 +124,19 @@ class FlashSDPAKernel:
         if not _dense(mask, sq, sk):
             left, right = mask.flash_window(sq, sk)
             out, lse, *_ = aten._flash_attention_forward(
-                q, k, v, None, None, sq, sk, 0.0, False, False, scale=scale,
-                window_size_left=left, window_size_right=right,
+                q,
+                k,
+                v,
+                None,
+                None,
+                sq,
+                sk,
+                0.0,
+                False,
+                False,
+                scale=scale,
+                window_size_left=left,
+                window_size_right=right,
             )
             return out, lse
         out, lse, *_ = aten._scaled_dot_product_flash_attention(
@@ -133,8 +145,15 @@ class FlashSDPAKernel:
         return _t(out), lse
 
     def backward(
-        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-        mask: BlockMask, scale: float,
+        self,
+        dout: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        mask: BlockMask,
+        scale: float,
     ) -> Triple:
         sq, sk = q.shape[1], k.shape[1]
         if mask.documents is not None:
@@ -142,13 +161,39 @@ class FlashSDPAKernel:
         if not _dense(mask, sq, sk):
             left, right = mask.flash_window(sq, sk)
             return aten._flash_attention_backward(
-                dout, q, k, v, out, lse.contiguous(), None, None, sq, sk, 0.0, False,
-                _empty(q.device), _empty(q.device), scale=scale,
-                window_size_left=left, window_size_right=right,
+                dout,
+                q,
+                k,
+                v,
+                out,
+                lse.contiguous(),
+                None,
+                None,
+                sq,
+                sk,
+                0.0,
+                False,
+                _empty(q.device),
+                _empty(q.device),
+                scale=scale,
+                window_size_left=left,
+                window_size_right=right,
             )
         dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
-            _t(dout), _t(q), _t(k), _t(v), _t(out), lse.contiguous(),
-            None, None, sq, sk, 0.0, mask.is_causal, _empty(q.device), _empty(q.device),
+            _t(dout),
+            _t(q),
+            _t(k),
+            _t(v),
+            _t(out),
+            lse.contiguous(),
+            None,
+            None,
+            sq,
+            sk,
+            0.0,
+            mask.is_causal,
+            _empty(q.device),
+            _empty(q.device),
             scale=scale,
         )
         return _t(dq), _t(dk), _t(dv)
@@ -173,14 +218,34 @@ class CudnnSDPAKernel:
         return _t(out), lse.reshape(lse.shape[:3])
 
     def backward(
-        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-        mask: BlockMask, scale: float,
+        self,
+        dout: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        mask: BlockMask,
+        scale: float,
     ) -> Triple:
         sq, sk = q.shape[1], k.shape[1]
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
-            _t(dout), _t(q), _t(k), _t(v), _t(out),
-            lse.contiguous().unsqueeze(-1), _empty(q.device), _empty(q.device), None,
-            None, None, sq, sk, 0.0, mask.is_causal, scale=scale,
+            _t(dout),
+            _t(q),
+            _t(k),
+            _t(v),
+            _t(out),
+            lse.contiguous().unsqueeze(-1),
+            _empty(q.device),
+            _empty(q.device),
+            None,
+            None,
+            None,
+            sq,
+            sk,
+            0.0,
+            mask.is_causal,
+            scale=scale,
         )
         return _t(dq), _t(dk), _t(dv)
 
@@ -202,14 +267,27 @@ class EfficientSDPAKernel:
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale: float) -> Pair:
         hq = q.shape[2]
         out, lse, *_ = aten._scaled_dot_product_efficient_attention(
-            _t(q), _t(expand_kv_heads(k, hq)), _t(expand_kv_heads(v, hq)),
-            None, True, 0.0, mask.is_causal, scale=scale,
+            _t(q),
+            _t(expand_kv_heads(k, hq)),
+            _t(expand_kv_heads(v, hq)),
+            None,
+            True,
+            0.0,
+            mask.is_causal,
+            scale=scale,
         )
         return _t(out), lse[:, :, : q.shape[1]]
 
     def backward(
-        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-        mask: BlockMask, scale: float,
+        self,
+        dout: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        mask: BlockMask,
+        scale: float,
     ) -> Triple:
         hq, hkv, sq = q.shape[2], k.shape[2], q.shape[1]
         if out.stride(1) != out.shape[2] * out.shape[3] or out.stride(2) != out.shape[3]:
@@ -221,8 +299,18 @@ class EfficientSDPAKernel:
         )
         padded[:, :, :sq] = lse
         dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-            _t(dout), _t(q), _t(expand_kv_heads(k, hq)), _t(expand_kv_heads(v, hq)),
-            None, _t(out), padded, _empty(q.device), _empty(q.device), 0.0,
-            [True, True, True, False], mask.is_causal, scale=scale,
+            _t(dout),
+            _t(q),
+            _t(expand_kv_heads(k, hq)),
+            _t(expand_kv_heads(v, hq)),
+            None,
+            _t(out),
+            padded,
+            _empty(q.device),
+            _empty(q.device),
+            0.0,
+            [True, True, True, False],
+            mask.is_causal,
+            scale=scale,
         )
         return _t(dq), reduce_kv_heads(_t(dk), hkv), reduce_kv_heads(_t(dv), hkv)

@@ -61,8 +61,10 @@ def get_thd_batch_on_this_usp_rank(
     """
     g = groups if groups is not None else usp_groups_from_megatron()
     cu_seqlens = _one_dim("cu_seqlens", cu_seqlens)
-    padded = cu_seqlens if cu_seqlens_padded is None else _one_dim(
-        "cu_seqlens_padded", cu_seqlens_padded
+    padded = (
+        cu_seqlens
+        if cu_seqlens_padded is None
+        else _one_dim("cu_seqlens_padded", cu_seqlens_padded)
     )
     if max_seqlen is None:
         max_seqlen = int((padded[1:] - padded[:-1]).max().item())

@@ -224,7 +224,11 @@ class USPAttention(MegatronModule):
             return self._forward_thd(query, key, value, _CAUSAL[mask_type], *documents)
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, heads, hn]
         out = self.attention(
-            q, k, v, causal=_CAUSAL[mask_type], softmax_scale=self.softmax_scale,
+            q,
+            k,
+            v,
+            causal=_CAUSAL[mask_type],
+            softmax_scale=self.softmax_scale,
             window_size=self.window_size,
         )
         sq, b = query.shape[0], query.shape[1]

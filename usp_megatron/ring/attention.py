@@ -145,8 +145,14 @@ def ring_backward(
         for task in diagonal if step == 0 else ring.tasks[step]:
             rows, kv_rows = task.q_rows, task.kv_rows
             block_dq, block_dk, block_dv = kernel.backward(
-                dout[:, rows], q[:, rows], kv[0][:, kv_rows], kv[1][:, kv_rows],
-                out[:, rows], lse[:, :, rows], task.mask, scale,
+                dout[:, rows],
+                q[:, rows],
+                kv[0][:, kv_rows],
+                kv[1][:, kv_rows],
+                out[:, rows],
+                lse[:, :, rows],
+                task.mask,
+                scale,
             )
             dq[:, rows] += block_dq
             dkv[0][:, kv_rows] += block_dk
@@ -174,8 +180,18 @@ class _RingAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ring_backward(
-            ctx.groups, ctx.layout, ctx.kernel, dout, q, k, v, out, lse, ctx.causal,
-            ctx.scale, ctx.window,
+            ctx.groups,
+            ctx.layout,
+            ctx.kernel,
+            dout,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            ctx.causal,
+            ctx.scale,
+            ctx.window,
         )
         return None, None, None, None, None, None, dq, dk, dv
 
