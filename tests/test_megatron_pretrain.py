@@ -23,8 +23,8 @@ def test_loss_parity_default_command(tmp_path):
     out = tmp_path / "parity"
     done = _run([sys.executable, str(EXAMPLE / "loss_parity.py"), "--out", str(out)], tmp_path)
     assert "loss parity ok" in done.stdout
-    assert "[ 1/22] mha/DP: started" in done.stdout  # progress while it runs
-    assert "[22/22] swa/U4R1-zigzag: done in" in done.stdout
+    assert "[ 1/28] mha/DP: started" in done.stdout  # progress while it runs
+    assert "[28/28] packed/U4R1-zigzag: done in" in done.stdout
     report = json.loads(out.with_suffix(".json").read_text())
     runs = report["runs"]
     assert report["rtol"] == 1e-6 and len(runs) == 14 + 3 + 1 + 3 + 1
