@@ -44,7 +44,8 @@ def all_to_all_round_trip(
     must equal the ring block's rows of this rank's heads; then heads -> sequence (packed,
     and one sequence-major tensor sent as it is) must give the shards back.
     ``point_to_point``: gloo's pieces travel as sends and receives (torch before 2.13)."""
-    all_to_all.GLOO_HAS_LIST_ALL_TO_ALL = not point_to_point
+    if point_to_point:  # otherwise what this torch's gloo has
+        all_to_all.GLOO_HAS_LIST_ALL_TO_ALL = False
     world, dtype = dist.get_world_size(), getattr(torch, dtype_name)
     problems = []
     for ulysses in (u for u in range(2, world + 1) if world % u == 0):

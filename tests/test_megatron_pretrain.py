@@ -23,13 +23,14 @@ def test_loss_parity_default_command(tmp_path):
     out = tmp_path / "parity"
     done = _run([sys.executable, str(EXAMPLE / "loss_parity.py"), "--out", str(out)], tmp_path)
     assert "loss parity ok" in done.stdout
-    assert "[ 1/28] mha/DP: started" in done.stdout  # progress while it runs
-    assert "[28/28] packed/U4R1-zigzag: done in" in done.stdout
+    assert "[ 1/30] mha/DP: started" in done.stdout  # progress while it runs
+    assert "[30/30] packed/U4R1-zigzag: done in" in done.stdout
     report = json.loads(out.with_suffix(".json").read_text())
     runs = report["runs"]
     assert report["rtol"] == 1e-6 and len(runs) == 14 + 3 + 1 + 3 + 1
     for name, run in runs.items():
         assert len(run["loss"]) == 6 and run["ok"], name
+        assert run["baseline"] == ("TP2-U1R1-zigzag" if "TP2-" in name else "DP"), name
         assert max(run["max_rel_loss"], run["max_rel_grad_norm"]) <= 1e-6, name
         assert run["loss"][-1] < run["loss"][0] - 0.5, f"{name} did not train"
     assert out.with_suffix(".png").stat().st_size > 10_000
