@@ -7,7 +7,9 @@ float64 for float64 inputs). The backward takes the *final* output and log-sum-e
 the whole ring (not the block's), which makes its block gradients exact contributions.
 
 Which query rows see which key rows is a ``mask.BlockMask`` decided by the layout: a band
-of diagonals counted from the top-left corner, trimmed so that no row is empty. (With
+of diagonals counted from the top-left corner, trimmed so that no row is empty; or packed
+documents (``BlockMask.documents``, kernels with ``takes_documents``), whose padding rows
+see nothing and must come back as output 0, log-sum-exp -inf and zero gradients. (With
 ``sq != sk`` the ops' own ``is_causal`` flags differ: PyTorch's flash aligns the mask
 bottom-right, cuDNN top-left; the kernels use them only for square blocks.)
 
