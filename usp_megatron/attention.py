@@ -302,7 +302,7 @@ class LongContextAttention(nn.Module):
         )
         self.groups, self.ring_impl, self.backend = groups, ring_impl, backend
         self.head_chunks = head_chunks
-        self._kernels: dict[tuple[torch.device, torch.dtype, bool], AttentionKernel] = {}
+        self._kernels: dict[tuple[torch.device, torch.dtype, bool, bool], AttentionKernel] = {}
 
     def shard(
         self, x: torch.Tensor, dim: int = 1, cu_seqlens_padded: torch.Tensor | None = None
@@ -320,10 +320,13 @@ class LongContextAttention(nn.Module):
         """Global positions this rank holds, in local order."""
         return self.layout.positions(seq_len, self.groups.ulysses_rank, self.groups.ring_rank)
 
-    def _kernel(self, device: torch.device, dtype: torch.dtype, windows: bool) -> AttentionKernel:
-        key = (device, dtype, windows)
+    def _kernel(
+        self, device: torch.device, dtype: torch.dtype, windows: bool, documents: bool = False
+    ) -> AttentionKernel:
+        """The kernel for these inputs, resolved once per kind of call (never per block)."""
+        key = (device, dtype, windows, documents)
         if key not in self._kernels:
-            self._kernels[key] = get_kernel(self.backend, device, dtype, windows)
+            self._kernels[key] = get_kernel(self.backend, device, dtype, windows, documents)
         return self._kernels[key]
 
     def _check(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> HeadSplit:
@@ -455,7 +458,7 @@ class LongContextAttention(nn.Module):
                 f"ulysses_degree {u} (they split as {split.q_heads}): choose U among the "
                 f"divisors of {q.shape[2]}"
             )
-        kernel = get_kernel(self.backend, q.device, q.dtype, documents=True)
+        kernel = self._kernel(q.device, q.dtype, windows=False, documents=True)
         scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
         if u == 1:
             return ring_attention(self.groups, layout, kernel, q, k, v, causal, scale)
