@@ -9,12 +9,12 @@ import torch.distributed as dist
 
 from usp_megatron import init_usp_groups, shard_sequence
 from usp_megatron.comm import (
-    HeadRun,
     all_to_all,
     heads_to_seq_start,
     seq_to_heads_start,
     split_heads,
 )
+from usp_megatron.heads import HeadRun
 from usp_megatron.layout import RING_IMPLS, get_layout, ring_block_positions
 
 

@@ -130,7 +130,7 @@ def packed_refusals(groups) -> dict[str, float]:
     x = torch.randn(1, 4, 2 * groups.ulysses_degree, 8)
     calls = {
         "stripe": (dict(ring_impl="stripe"), dict(cu_seqlens=cu), "need ring_impl='zigzag'"),
-        "window": ({}, dict(cu_seqlens=cu, window_size=(2, 0)), "together with packed"),
+        "window": ({}, dict(cu_seqlens=cu, window_size=(2, 0)), "with packed documents"),
         "batch 2": ({}, dict(cu_seqlens=cu, batch=2), "batch 1"),
         "padded alone": ({}, dict(cu_seqlens_padded=cu), "without cu_seqlens"),
         "length": ({}, dict(cu_seqlens=cu * 2), "must equal cu_seqlens_padded"),

@@ -12,8 +12,7 @@ import pytest
 import torch
 from usp_cases import factorizations, run_all_cases, run_window_cases
 
-from usp_megatron.attention import head_split
-from usp_megatron.comm import HeadRun
+from usp_megatron.heads import HeadRun, head_split
 from usp_megatron.testing import run_distributed
 
 

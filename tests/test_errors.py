@@ -9,7 +9,7 @@ from usp_megatron.testing import run_distributed
 
 EXPECTED = {
     "degree product": "2 \\* 3 = 6 must equal the group size 4",
-    "zero degree": "ulysses_degree must be a positive integer, got 0",
+    "zero degree": "ulysses_degree must be an integer >= 1.*got 0",
     "heads vs ulysses": "ulysses_degree 2 must be between 1 and the query heads 1",
     "uneven head chunks": "head_chunks=2 needs the query heads 3 to split evenly over "
     "ulysses_degree 2 \\(they split as \\(2, 1\\)\\); use head_chunks=1",
@@ -22,7 +22,7 @@ EXPECTED = {
     "unknown backend": "backend must be one of .* got 'xformers'",
     "backend on wrong device": "'torch_flash' cannot run on device cpu",
     "head chunks": "head_chunks=3 must divide the query heads per rank 2",
-    "zero head chunks": "head_chunks must be a positive integer, got 0",
+    "zero head chunks": "head_chunks must be an integer >= 1.*got 0",
     "still works": "ok",
     "uneven heads run": "ok",
 }

@@ -76,7 +76,7 @@ def test_zigzag_piece_order_matches_design():
         ((12, 2, 2, 0, 0, "zigzag"), "multiple of 2 \\* U \\* R = 8"),
         ((10, 2, 2, 0, 0, "stripe"), "multiple of U \\* R = 4"),
         ((8, 2, 2, 0, 0, "spiral"), "ring_impl must be one of"),
-        ((8, 0, 2, 0, 0, "basic"), "ulysses_degree must be a positive"),
+        ((8, 0, 2, 0, 0, "basic"), "ulysses_degree must be an integer >= 1"),
         ((8, 2, 2, 2, 0, "basic"), "ulysses_rank 2 not in"),
     ],
 )
@@ -141,7 +141,7 @@ def test_windowed_basic_ring_ends_early():
 
 @pytest.mark.parametrize("bad", [(1,), (1, -2), (1.5, 0), "left", (True, 0)])
 def test_window_errors(bad):
-    from usp_megatron.layout import check_window
+    from usp_megatron.checks import check_window
 
     with pytest.raises(ValueError, match="window_size must be"):
         check_window(bad)

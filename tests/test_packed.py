@@ -40,7 +40,7 @@ def test_positions_are_megatron_thd_split_and_partition(ulysses, ring, real):
     held = []
     for c in range(ulysses * ring):
         got = local_positions(
-            seq_len, ulysses, ring, c % ulysses, c // ulysses, cu_seqlens_padded=cu_padded
+            seq_len, ulysses, ring, c % ulysses, c // ulysses, "zigzag", cu_padded
         )
         assert torch.equal(got, _thd_partitioned_indices(cu_padded.tolist(), ulysses * ring, c))
         held.append(got)

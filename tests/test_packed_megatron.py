@@ -103,7 +103,7 @@ def test_megatron_thd_rope_on_a_usp_shard_is_per_document(ulysses, ring, monkeyp
     one_rank = _apply_rotary_pos_emb_thd(full, padded, freqs, cp_group=_FakeCPGroup(1, 0))
     for c in range(cp):
         u, r = c % ulysses, c // ulysses
-        positions = local_positions(PADDED[-1], ulysses, ring, u, r, cu_seqlens_padded=padded)
+        positions = local_positions(PADDED[-1], ulysses, ring, u, r, "zigzag", padded)
         mine = _apply_rotary_pos_emb_thd(
             full[positions], padded, freqs, cp_group=_FakeCPGroup(cp, c)
         )

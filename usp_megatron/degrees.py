@@ -17,7 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from usp_megatron.attention import head_split
+from usp_megatron.checks import check_positive_int
+from usp_megatron.heads import head_split
 
 
 @dataclass(frozen=True)
@@ -66,20 +67,15 @@ class DegreeCost:
         return self.compute_s + self.all_to_all_s + self.ring_s
 
 
-def _check_positive(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 def _check_inputs(
     cp_size: int, num_heads: int, num_kv_heads: int, gpus_per_node: int, seq_len: int | None
 ) -> None:
-    _check_positive("cp_size", cp_size)
-    _check_positive("num_heads", num_heads)
-    _check_positive("num_kv_heads", num_kv_heads)
-    _check_positive("gpus_per_node", gpus_per_node)
+    check_positive_int("cp_size", cp_size)
+    check_positive_int("num_heads", num_heads)
+    check_positive_int("num_kv_heads", num_kv_heads)
+    check_positive_int("gpus_per_node", gpus_per_node)
     if seq_len is not None:
-        _check_positive("seq_len", seq_len)
+        check_positive_int("seq_len", seq_len)
     if num_heads % num_kv_heads:
         raise ValueError(
             f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads} "

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from usp_megatron.layout import check_degrees
+from usp_megatron.checks import check_degrees
 
 
 @dataclass(frozen=True)

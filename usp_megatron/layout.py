@@ -20,40 +20,15 @@ sequence lengths it accepts. Nothing outside this module compares layout names.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 from typing import ClassVar
 
 import torch
 
+from usp_megatron.checks import Window, check_degrees
 from usp_megatron.mask import ALL_ROWS, CAUSAL, FULL, BlockMask, BlockTask, Documents
-
-Window = tuple[int, int]
-
-
-def check_degrees(ulysses_degree: int, ring_degree: int) -> None:
-    for name, value in (("ulysses_degree", ulysses_degree), ("ring_degree", ring_degree)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def check_window(window_size: object) -> Window | None:
-    """``window_size=(left, right)``: query ``i`` sees keys ``i-left .. i+right``, -1 unbounded.
-    Returns None for full attention (None or ``(-1, -1)``)."""
-    if window_size is None:
-        return None
-    ok = (
-        isinstance(window_size, (tuple, list))
-        and len(window_size) == 2
-        and all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)
-    )
-    if not ok:
-        raise ValueError(
-            f"window_size must be (left, right) with integers >= -1 (-1: unbounded), got "
-            f"{window_size!r}"
-        )
-    left, right = window_size
-    return None if (left, right) == (-1, -1) else (left, right)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,18 +71,31 @@ def _band_task(
     )
 
 
-class SequenceLayout:
-    """How a sequence of ``S`` tokens is spread over ``U x R`` ranks (see the module doc)."""
+class SequenceLayout(abc.ABC):
+    """How a sequence is spread over ``U x R`` ranks: the protocol the batch split, RoPE,
+    sharding, the all-to-all and the ring ask (see the module doc). Dense layouts
+    (:class:`DenseLayout`) and packed documents (:class:`PackedZigzagLayout`) implement
+    every abstract method; the block tasks and ring steps are computed once per layout."""
 
     name: ClassVar[str]
     #: Exactly Megatron's context-parallel split: its batch split and RoPE slice apply.
     megatron_split: ClassVar[bool] = False
     #: How many contiguous-in-the-ring-block pieces one rank's shard consists of.
     pieces_per_rank: ClassVar[int] = 1
+    #: Whether sliding windows (``BlockMask`` bands) are defined on this layout.
+    takes_windows: ClassVar[bool] = True
+    #: How the ulysses all-to-all moves pieces: True, each received piece lands straight
+    #: in its ring-block slot (:attr:`DenseLayout.gather_slots`); False, pieces are received
+    #: rank by rank and reordered by :meth:`PackedZigzagLayout.staging_rows_on`.
+    receives_into_slots: ClassVar[bool] = True
+    #: Whether its block masks carry documents (the kernel must take ``Documents``).
+    masks_documents: ClassVar[bool] = False
 
     def __init__(self, ulysses_degree: int, ring_degree: int) -> None:
         check_degrees(ulysses_degree, ring_degree)
         self.ulysses_degree, self.ring_degree = ulysses_degree, ring_degree
+        self._tasks: dict[tuple, tuple[BlockTask, ...]] = {}
+        self._steps: dict[tuple, int] = {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(U={self.ulysses_degree}, R={self.ring_degree})"
@@ -125,19 +113,17 @@ class SequenceLayout:
         return self.ulysses_degree * self.ring_degree
 
     # -- which sequence lengths --------------------------------------------------------
-    @property
-    def sequence_multiple(self) -> int:
-        """The number the global sequence length must be a multiple of."""
-        return self.pieces_per_rank * self.cp_size
-
+    @abc.abstractmethod
     def check_seq_len(self, seq_len: int) -> None:
-        multiple = self.sequence_multiple
-        if seq_len <= 0 or seq_len % multiple != 0:
-            need = "2 * U * R" if self.pieces_per_rank == 2 else "U * R"
+        """Refuse a global sequence length this layout cannot split."""
+
+    def check_window(self, window: Window | None) -> None:
+        """Refuse a sliding window where the layout has none."""
+        if window is not None and not self.takes_windows:
             raise ValueError(
-                f"sequence length {seq_len} must be a positive multiple of {need} = {multiple} "
-                f"for ring_impl={self.name!r} with ulysses_degree={self.ulysses_degree}, "
-                f"ring_degree={self.ring_degree}"
+                f"window_size {window} with {self.name} is not supported: a document's rows in "
+                "a ring block are two separate chunks, not one band; use full-length "
+                "attention within each document"
             )
 
     # -- which positions a rank holds --------------------------------------------------
@@ -160,8 +146,71 @@ class SequenceLayout:
         held = [self.positions(seq_len, u, ring_rank) for u in range(self.ulysses_degree)]
         return torch.cat(held).sort().values
 
+    @abc.abstractmethod
     def _positions(self, seq_len: int, ulysses_rank: int, ring_rank: int) -> torch.Tensor:
-        raise NotImplementedError
+        """:meth:`positions` after its checks."""
+
+    # -- what each ring step computes --------------------------------------------------
+    def block_tasks(
+        self,
+        ring_rank: int,
+        kv_rank: int,
+        block_len: int,
+        causal: bool,
+        window: Window | None = None,
+    ) -> tuple[BlockTask, ...]:
+        """Which rows of this rank's queries (ring block ``ring_rank``) attend which rows of
+        ring block ``kv_rank``, and with which mask; empty when none do. Computed once per
+        layout and arguments (every layer of a model asks the same)."""
+        key = (ring_rank, kv_rank, block_len, causal, window)
+        if key not in self._tasks:
+            self.check_window(window)
+            self._tasks[key] = self._block_tasks(ring_rank, kv_rank, block_len, causal, window)
+        return self._tasks[key]
+
+    @abc.abstractmethod
+    def _block_tasks(
+        self, ring_rank: int, kv_rank: int, block_len: int, causal: bool, window: Window | None
+    ) -> tuple[BlockTask, ...]:
+        """:meth:`block_tasks`, uncached."""
+
+    def ring_steps(self, block_len: int, causal: bool, window: Window | None = None) -> int:
+        """How many steps of the ring pass any rank computes in: the steps after the last one
+        some rank needs (sliding windows, short documents) are skipped, communication
+        included."""
+        key = (block_len, causal, window)
+        if key not in self._steps:
+            degree = self.ring_degree
+            needed = [
+                step
+                for step in range(degree)
+                for rank in range(degree)
+                if self.block_tasks(rank, (rank - step) % degree, block_len, causal, window)
+            ]
+            self._steps[key] = max(needed, default=0) + 1
+        return self._steps[key]
+
+
+class DenseLayout(SequenceLayout):
+    """A layout of one sequence of ``S`` tokens cut into equal pieces (basic, zigzag,
+    stripe): closed-form block tasks, windows through runs of evenly spaced positions, and
+    an all-to-all that receives every piece straight into its ring-block slot."""
+
+    # -- which sequence lengths --------------------------------------------------------
+    @property
+    def sequence_multiple(self) -> int:
+        """The number the global sequence length must be a multiple of."""
+        return self.pieces_per_rank * self.cp_size
+
+    def check_seq_len(self, seq_len: int) -> None:
+        multiple = self.sequence_multiple
+        if seq_len <= 0 or seq_len % multiple != 0:
+            need = "2 * U * R" if self.pieces_per_rank == 2 else "U * R"
+            raise ValueError(
+                f"sequence length {seq_len} must be a positive multiple of {need} = {multiple} "
+                f"for ring_impl={self.name!r} with ulysses_degree={self.ulysses_degree}, "
+                f"ring_degree={self.ring_degree}"
+            )
 
     # -- where the all-to-all puts what it receives ------------------------------------
     @functools.cached_property
@@ -187,21 +236,13 @@ class SequenceLayout:
         return [[slot_of[u * k + i] for u in range(self.ulysses_degree)] for i in range(k)]
 
     # -- what each ring step computes --------------------------------------------------
-    def block_tasks(
-        self,
-        ring_rank: int,
-        kv_rank: int,
-        block_len: int,
-        causal: bool,
-        window: Window | None = None,
+    def _block_tasks(
+        self, ring_rank: int, kv_rank: int, block_len: int, causal: bool, window: Window | None
     ) -> tuple[BlockTask, ...]:
-        """Which rows of this rank's queries (ring block ``ring_rank``) attend which rows of
-        ring block ``kv_rank``, and with which mask; empty when none do.
-
-        Without a window each layout has a closed form (one task, or none). With a window
-        (``check_window``) the blocks are cut into runs of evenly spaced positions and every
-        pair of runs gets the band of the window shifted by the runs' position offset.
-        """
+        """Without a window each layout has a closed form (one task, or none). With a window
+        (``checks.check_window``) the blocks are cut into runs of evenly spaced positions
+        and every pair of runs gets the band of the window shifted by the runs' position
+        offset."""
         if window is not None:
             return self._windowed_tasks(ring_rank, kv_rank, block_len, causal, window)
         if not causal:
@@ -210,7 +251,6 @@ class SequenceLayout:
             return (BlockTask(ALL_ROWS, ALL_ROWS, CAUSAL),)
         return self._causal_off_diagonal(kv_rank < ring_rank, block_len)
 
-    @functools.lru_cache(maxsize=4096)  # noqa: B019 - layouts are few and live for the process
     def _windowed_tasks(
         self, ring_rank: int, kv_rank: int, block_len: int, causal: bool, window: Window
     ) -> tuple[BlockTask, ...]:
@@ -226,30 +266,16 @@ class SequenceLayout:
         )
         return tuple(task for task in tasks if task is not None)
 
-    @functools.lru_cache(maxsize=256)  # noqa: B019 - layouts are few and live for the process
-    def ring_steps(self, block_len: int, causal: bool, window: Window | None = None) -> int:
-        """How many steps of the ring pass any rank computes in: with a window the steps
-        after the last one some rank needs are skipped, communication included."""
-        if window is None:
-            return self.ring_degree
-        degree = self.ring_degree
-        needed = [
-            step
-            for step in range(degree)
-            for rank in range(degree)
-            if self.block_tasks(rank, (rank - step) % degree, block_len, causal, window)
-        ]
-        return max(needed) + 1
-
+    @abc.abstractmethod
     def _causal_off_diagonal(self, earlier: bool, block_len: int) -> tuple[BlockTask, ...]:
-        raise NotImplementedError
+        """The causal task of an earlier (``earlier``) or later ring block than the queries'."""
 
+    @abc.abstractmethod
     def _runs(self, ring_rank: int, block_len: int) -> list[_Run]:
         """The ring block of ``ring_rank`` as runs of evenly spaced positions."""
-        raise NotImplementedError
 
 
-class BasicLayout(SequenceLayout):
+class BasicLayout(DenseLayout):
     """Contiguous chunks: earlier ring blocks are wholly visible, later ones not at all."""
 
     name = "basic"
@@ -266,7 +292,7 @@ class BasicLayout(SequenceLayout):
         return [_Run(0, block_len, ring_rank * block_len, 1)]
 
 
-class ZigzagLayout(SequenceLayout):
+class ZigzagLayout(DenseLayout):
     """Chunks ``c`` and ``2C-1-c`` of ``2C``: ring block ``r`` is chunks ``r`` and ``2R-1-r``
     of ``2R``. An earlier block's first half is visible to every query; a later block is
     wholly visible to the second half of the queries. Every rank does the same work at
@@ -295,7 +321,7 @@ class ZigzagLayout(SequenceLayout):
         return [_Run(0, half, ring_rank * half, 1), _Run(half, half, last_chunk * half, 1)]
 
 
-class StripeLayout(SequenceLayout):
+class StripeLayout(DenseLayout):
     """Ring block ``r`` holds positions ``t % R == r``: query ``i`` sees key ``j`` of an
     earlier block when ``j <= i`` and of a later block when ``j < i``, the causal mask or
     the causal mask shifted by one row (drop the first query row and the last key row)."""
@@ -333,9 +359,12 @@ class PackedZigzagLayout(SequenceLayout):
     block's ``A'_n B'_n`` is wholly visible to ``B_n``. Padding sees and is seen by nothing.
     """
 
-    name = "zigzag"
+    name = "packed documents"
     megatron_split = True
     pieces_per_rank = 2
+    takes_windows = False
+    receives_into_slots = False
+    masks_documents = True
 
     def __init__(
         self,
@@ -349,9 +378,7 @@ class PackedZigzagLayout(SequenceLayout):
         padded = [b - a for a, b in zip(self.cu_seqlens_padded, self.cu_seqlens_padded[1:])]
         real = [b - a for a, b in zip(self.cu_seqlens, self.cu_seqlens[1:])]
         self.padded_lens, self.real_lens = tuple(padded), tuple(real)
-        self._tasks: dict[tuple[int, int, bool], tuple[BlockTask, ...]] = {}
-        self._steps: dict[bool, int] = {}
-        self._staging_rows_on: dict[torch.device, torch.Tensor] = {}
+        self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
 
     def __repr__(self) -> str:
         return (
@@ -399,9 +426,31 @@ class PackedZigzagLayout(SequenceLayout):
 
     def staging_rows_on(self, device: torch.device) -> torch.Tensor:
         """:attr:`staging_rows` on ``device``, copied there once."""
-        if device not in self._staging_rows_on:
-            self._staging_rows_on[device] = self.staging_rows.to(device)
-        return self._staging_rows_on[device]
+        return self._copy_on(device, "staging_rows", self.staging_rows)
+
+    def document_positions(self, ulysses_rank: int, ring_rank: int) -> torch.Tensor:
+        """The position of each local token inside its own (padded) document, in local
+        order: the rotary-table row of each token (Megatron's THD RoPE counts from 0 in
+        every document)."""
+        held = self.positions(self.seq_len, ulysses_rank, ring_rank)
+        starts = torch.tensor(self.cu_seqlens_padded[:-1], dtype=torch.int64)
+        document = torch.searchsorted(starts, held, right=True) - 1
+        return held - starts[document]
+
+    def document_positions_on(
+        self, device: torch.device, ulysses_rank: int, ring_rank: int
+    ) -> torch.Tensor:
+        """:meth:`document_positions` on ``device``, copied there once per layout."""
+        key = f"document_positions {ulysses_rank} {ring_rank}"
+        if (key, device) not in self._on_device:
+            self._copy_on(device, key, self.document_positions(ulysses_rank, ring_rank))
+        return self._on_device[key, device]
+
+    def _copy_on(self, device: torch.device, key: str, value: torch.Tensor) -> torch.Tensor:
+        """``value`` on ``device``, copied there the first time only."""
+        if (key, device) not in self._on_device:
+            self._on_device[key, device] = value.to(device)
+        return self._on_device[key, device]
 
     def _halves(self, ring_rank: int) -> list[tuple[int, int, int, int]]:
         """Per document: (first row in the ring block, rows per half, real rows of ``A_n``,
@@ -415,25 +464,12 @@ class PackedZigzagLayout(SequenceLayout):
             row += 2 * half
         return halves
 
-    def block_tasks(
-        self,
-        ring_rank: int,
-        kv_rank: int,
-        block_len: int,
-        causal: bool,
-        window: Window | None = None,
+    def _block_tasks(
+        self, ring_rank: int, kv_rank: int, block_len: int, causal: bool, window: Window | None
     ) -> tuple[BlockTask, ...]:
         """One task over every document with rows on both sides (see the class doc); none
         when no document has."""
-        if window is not None:
-            raise ValueError(
-                f"window_size {window} with packed documents is not supported: a document's "
-                "rows in a ring block are two separate chunks, not one band"
-            )
-        key = (ring_rank, kv_rank, causal)
-        if key not in self._tasks:
-            self._tasks[key] = self._document_tasks(ring_rank, kv_rank, causal)
-        return self._tasks[key]
+        return self._document_tasks(ring_rank, kv_rank, causal)
 
     def _document_tasks(self, ring_rank: int, kv_rank: int, causal: bool) -> tuple[BlockTask, ...]:
         segments = []
@@ -454,19 +490,6 @@ class PackedZigzagLayout(SequenceLayout):
         q_starts, q_lens, k_starts, k_lens = zip(*segments)
         documents = Documents(q_starts, q_lens, k_starts, k_lens, causal and kv_rank == ring_rank)
         return (BlockTask(ALL_ROWS, ALL_ROWS, BlockMask(documents=documents)),)
-
-    def ring_steps(self, block_len: int, causal: bool, window: Window | None = None) -> int:
-        """Steps after the last one any rank computes in are skipped (short documents)."""
-        if causal not in self._steps:
-            degree = self.ring_degree
-            needed = [
-                step
-                for step in range(degree)
-                for rank in range(degree)
-                if self.block_tasks(rank, (rank - step) % degree, block_len, causal, window)
-            ]
-            self._steps[causal] = max(needed, default=0) + 1
-        return self._steps[causal]
 
 
 def _cu_seqlens_tuple(name: str, value: object) -> tuple[int, ...]:
@@ -565,16 +588,14 @@ def local_positions(
     ring_degree: int,
     ulysses_rank: int,
     ring_rank: int,
-    ring_impl: str = "zigzag",
+    layout: LayoutArg,
     cu_seqlens_padded: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Global positions (1-D int64, in local order) held by rank ``(ulysses_rank, ring_rank)``;
-    with ``cu_seqlens_padded`` those of packed documents (``PackedZigzagLayout``)."""
-    if cu_seqlens_padded is not None:
-        layout = packed_layout(ring_impl, ulysses_degree, ring_degree, cu_seqlens_padded)
-    else:
-        layout = get_layout(ring_impl, ulysses_degree, ring_degree)
-    return layout.positions(seq_len, ulysses_rank, ring_rank)
+    """Global positions (1-D int64, in local order) held by rank ``(ulysses_rank, ring_rank)``
+    under ``layout`` (an object or a ``ring_impl`` name); with ``cu_seqlens_padded`` those
+    of packed documents (``PackedZigzagLayout``)."""
+    resolved = resolve_layout(layout, ulysses_degree, ring_degree, cu_seqlens_padded)
+    return resolved.positions(seq_len, ulysses_rank, ring_rank)
 
 
 def check_seq_len(seq_len: int, ulysses_degree: int, ring_degree: int, ring_impl: str) -> None:
@@ -588,3 +609,40 @@ def ring_block_positions(
     return get_layout(ring_impl, ulysses_degree, ring_degree).ring_block_positions(
         seq_len, ring_rank
     )
+
+
+LayoutArg = SequenceLayout | str
+
+
+def resolve_layout(
+    layout: LayoutArg,
+    ulysses_degree: int,
+    ring_degree: int,
+    cu_seqlens_padded: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> SequenceLayout:
+    """The layout object of what a caller passes, checked against the degrees it runs on.
+
+    ``layout``: a layout object (as the attention module, the batch split or
+    :func:`packed_layout` made it; the object itself is the currency: pass it on), or a
+    ``ring_impl`` name (``'zigzag'``, ``'stripe'``, ``'basic'``), with the packed document
+    boundaries where there are any.
+    """
+    if isinstance(layout, str):
+        if cu_seqlens_padded is not None or cu_seqlens is not None:
+            padded = cu_seqlens if cu_seqlens_padded is None else cu_seqlens_padded
+            return packed_layout(layout, ulysses_degree, ring_degree, padded, cu_seqlens)
+        return get_layout(layout, ulysses_degree, ring_degree)
+    if not isinstance(layout, SequenceLayout):
+        raise ValueError(f"layout must be a layout object or one of {RING_IMPLS}, got {layout!r}")
+    if (layout.ulysses_degree, layout.ring_degree) != (ulysses_degree, ring_degree):
+        raise ValueError(
+            f"{layout!r} is for ulysses degree {layout.ulysses_degree} x ring degree "
+            f"{layout.ring_degree}, but the groups are {ulysses_degree} x {ring_degree}"
+        )
+    if cu_seqlens_padded is not None and not layout.masks_documents:
+        raise ValueError(
+            f"cu_seqlens_padded was given with the dense layout {layout!r}: pass the packed "
+            "layout of those documents (packed_layout) or a ring_impl name"
+        )
+    return layout

@@ -15,7 +15,7 @@ import sys
 import torch
 from preflight import Plan
 
-from usp_megatron.attention import head_split
+from usp_megatron.heads import head_split
 from usp_megatron.layout import local_positions
 from usp_megatron.megatron.arguments import usp_enabled
 

@@ -24,19 +24,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from usp_megatron.layout import SequenceLayout
+from usp_megatron.heads import HeadRun
+from usp_megatron.layout import DenseLayout
 from usp_megatron.tensors import copy_words_
 
 #: gloo has the list form of ``all_to_all`` from torch 2.13 on, for pieces of equal size
 #: only; other pieces that are not consecutive in one buffer travel by point-to-point.
 GLOO_HAS_LIST_ALL_TO_ALL = torch.__version__ >= "2.13"
-
-
-class HeadRun(NamedTuple):
-    """``ranks`` consecutive ulysses ranks that each receive ``heads`` consecutive heads."""
-
-    ranks: int
-    heads: int
 
 
 def split_heads(
@@ -180,8 +174,8 @@ def _my_run(tensors: list[list[torch.Tensor]], group: ProcessGroup) -> int:
     raise ValueError(f"the runs cover {first} ulysses ranks; rank {me} is not among them")
 
 
-def seq_to_heads_start(
-    tensors: list[list[torch.Tensor]], layout: SequenceLayout, group: ProcessGroup
+def slotted_seq_to_heads_start(
+    tensors: list[list[torch.Tensor]], layout: DenseLayout, group: ProcessGroup
 ) -> PendingExchange:
     """Run views [b, s, n, h_i, d] of each tensor (``split_heads``) -> after ``wait()``:
     [b, U*s, h_i, d] each, with ``h_i`` the heads of this rank's run.
@@ -216,15 +210,15 @@ def seq_to_heads_start(
     return PendingExchange(works, result, [send.flat])
 
 
-def heads_to_seq_start(
+def slotted_heads_to_seq_start(
     tensors: list[torch.Tensor],
     destinations: list[list[torch.Tensor]],
-    layout: SequenceLayout,
+    layout: DenseLayout,
     group: ProcessGroup,
 ) -> PendingExchange:
     """[b, U*s, h_i, d] each (ring-block order) -> after ``wait()``: copied into the run
     views [b, s, n, h_i, d] ``destinations`` (``split_heads``). The inverse of
-    :func:`seq_to_heads_start`.
+    :func:`slotted_seq_to_heads_start`.
 
     One sequence-major tensor is sent slot by slot as it is; otherwise the tensors are
     packed along heads into a sequence-major buffer first (one copy each).

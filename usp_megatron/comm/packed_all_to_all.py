@@ -20,11 +20,20 @@ from usp_megatron.layout import PackedZigzagLayout
 from usp_megatron.tensors import copy_words_
 
 
-def packed_seq_to_heads_start(
-    tensors: list[torch.Tensor], layout: PackedZigzagLayout, group: ProcessGroup
+def _one_run(tensors: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """The single run view of each tensor: packed documents need an even head split."""
+    if any(len(runs) != 1 for runs in tensors):
+        raise ValueError("packed documents need the heads to split evenly over ulysses ranks")
+    return [runs[0] for runs in tensors]
+
+
+def staged_seq_to_heads_start(
+    tensors: list[list[torch.Tensor]], layout: PackedZigzagLayout, group: ProcessGroup
 ) -> PendingExchange:
-    """Views [b, s, U, h_i, d] (``split_heads``) -> after ``wait()``: [b, U*s, h_i, d] each,
-    the ring block in position order (head slices of one sequence-major buffer)."""
+    """One run view [b, s, U, h_i, d] of each tensor (``split_heads`` of an even split) ->
+    after ``wait()``: [b, U*s, h_i, d] each, the ring block in position order (head slices
+    of one sequence-major buffer)."""
+    tensors = _one_run(tensors)
     degree = layout.ulysses_degree
     b, s, _, _, d = tensors[0].shape
     heads = [t.shape[3] for t in tensors]
@@ -52,14 +61,16 @@ def packed_seq_to_heads_start(
     return PendingExchange(works, result, [send, staging], finish)
 
 
-def packed_heads_to_seq_start(
+def staged_heads_to_seq_start(
     tensors: list[torch.Tensor],
-    destinations: list[torch.Tensor],
+    destinations: list[list[torch.Tensor]],
     layout: PackedZigzagLayout,
     group: ProcessGroup,
 ) -> PendingExchange:
-    """[b, U*s, h_i, d] each (ring-block order) -> after ``wait()``: copied into the views
-    [b, s, U, h_i, d] ``destinations``. The inverse of :func:`packed_seq_to_heads_start`."""
+    """[b, U*s, h_i, d] each (ring-block order) -> after ``wait()``: copied into the run
+    views [b, s, U, h_i, d] ``destinations``. The inverse of
+    :func:`staged_seq_to_heads_start`."""
+    destinations = _one_run(destinations)
     degree = layout.ulysses_degree
     b, block_len, _, d = tensors[0].shape
     s = block_len // degree

@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from usp_megatron.kernels.base import AttentionKernel
+from usp_megatron.kernels.base import AttentionKernel, accum_dtype
 from usp_megatron.kernels.flash_attn import FlashAttnKernel, flash_attn_importable
 from usp_megatron.kernels.reference import ReferenceKernel
 from usp_megatron.kernels.torch_sdpa import CudnnSDPAKernel, EfficientSDPAKernel, FlashSDPAKernel
@@ -108,4 +108,11 @@ def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
     ]
 
 
-__all__ = ["AttentionKernel", "BACKENDS", "available_backends", "check_backend", "get_kernel"]
+__all__ = [
+    "AttentionKernel",
+    "BACKENDS",
+    "accum_dtype",
+    "available_backends",
+    "check_backend",
+    "get_kernel",
+]

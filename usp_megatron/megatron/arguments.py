@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from usp_megatron.checks import check_positive_int
 from usp_megatron.degrees import CostModel, degree_costs, pick
 from usp_megatron.kernels import BACKENDS
 from usp_megatron.layout import RING_IMPLS, check_seq_len
@@ -85,19 +86,14 @@ def add_usp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _check_degree(flag: str, value: object, meaning_of_one: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{flag} must be an integer >= 1 (1: {meaning_of_one}), got {value!r}")
-
-
 def _degrees(args: argparse.Namespace) -> tuple[int | str, int | None]:
     """The two flags, checked: ``U`` may still be ``auto``, ``R`` ``None`` (not given)."""
     u = getattr(args, "usp_ulysses_degree", 1)
     r = getattr(args, "usp_ring_degree", 1)
     if u != AUTO:
-        _check_degree("--usp-ulysses-degree", u, "no all-to-all")
+        check_positive_int("--usp-ulysses-degree", u, "no all-to-all")
     if r is not None:
-        _check_degree("--usp-ring-degree", r, "no ring")
+        check_positive_int("--usp-ring-degree", r, "no ring")
     return u, r
 
 
@@ -113,7 +109,7 @@ def usp_enabled(args: argparse.Namespace) -> bool:
 def _gpus_per_node(args: argparse.Namespace) -> int:
     flag = getattr(args, "usp_gpus_per_node", None)
     if flag is not None:
-        _check_degree("--usp-gpus-per-node", flag, "one GPU per node")
+        check_positive_int("--usp-gpus-per-node", flag, "one GPU per node")
         return flag
     local = os.environ.get("LOCAL_WORLD_SIZE")
     if local is None or not local.isdigit() or int(local) < 1:
@@ -136,7 +132,7 @@ def _kv_heads(args: argparse.Namespace) -> int:
 def _choose_auto(args: argparse.Namespace) -> None:
     """Replace ``auto`` by the chosen ``U`` and ``R``; rank 0 says what and why."""
     cp, given_ring = getattr(args, "context_parallel_size", 1), args.usp_ring_degree
-    _check_degree("--context-parallel-size", cp, "no context parallelism")
+    check_positive_int("--context-parallel-size", cp, "no context parallelism")
     if cp == 1:
         if (given_ring or 1) > 1:
             raise ValueError(

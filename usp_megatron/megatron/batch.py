@@ -21,7 +21,9 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from usp_megatron.groups import USPGroups
+from usp_megatron.megatron.packed_batch import attach_packed_batch
 from usp_megatron.megatron.process_groups import usp_groups_from_megatron
+from usp_megatron.megatron.rope import use_vectorised_packed_rope
 from usp_megatron.sharding import shard_sequence
 
 #: Megatron-LM's own hybrid context parallelism, which does not compose with USP.
@@ -66,8 +68,11 @@ def get_thd_batch_on_this_usp_rank(
         if cu_seqlens_padded is None
         else _one_dim("cu_seqlens_padded", cu_seqlens_padded)
     )
+    # The batch's layout, once: every layer's attention and RoPE read it from `padded`.
+    packed = attach_packed_batch(padded, cu_seqlens, ring_impl, g)
+    use_vectorised_packed_rope()
     if max_seqlen is None:
-        max_seqlen = int((padded[1:] - padded[:-1]).max().item())
+        max_seqlen = max(packed.layout.padded_lens)
     elif isinstance(max_seqlen, torch.Tensor):
         max_seqlen = int(max_seqlen.reshape(-1)[0].item())
     packed_seq_params = PackedSeqParams(
@@ -83,7 +88,7 @@ def get_thd_batch_on_this_usp_rank(
     if g.cp_size > 1:
         for key, value in batch.items():
             if key not in THD_KEYS and value is not None:
-                split[key] = shard_sequence(value, 1, g, ring_impl, padded)
+                split[key] = shard_sequence(value, 1, g, packed.layout)
     return split, packed_seq_params
 
 

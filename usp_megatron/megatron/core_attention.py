@@ -25,8 +25,10 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.core.utils import get_pg_size, log_single_rank
 
-from usp_megatron.attention import LongContextAttention, head_split
+from usp_megatron.attention import LongContextAttention
+from usp_megatron.heads import head_split
 from usp_megatron.layout import layout_type
+from usp_megatron.megatron.packed_batch import attach_packed_batch
 from usp_megatron.megatron.process_groups import usp_groups_from_megatron
 from usp_megatron.megatron.validation import (
     check_attention_options,
@@ -161,19 +163,19 @@ class USPAttention(MegatronModule):
         cu_seqlens: torch.Tensor,
         cu_seqlens_padded: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Packed documents: ``[t, heads, hn]`` (or ``[t, 1, heads, hn]``) in and out."""
-        if self.window_size is not None:
-            raise ValueError(
-                f"window_size={self.window_size} with packed (THD) sequences is not supported"
-            )
+        """Packed documents: ``[t, heads, hn]`` (or ``[t, 1, heads, hn]``) in and out. The
+        layout comes with the boundaries (``PackedBatch``, attached where the batch was
+        split, or here at the first layer): no layer reads them on the host again."""
         with_batch = query.dim() == 4
         if with_batch and query.shape[1] != 1:
             raise ValueError(f"THD query must be [t, 1, heads, hn], got {tuple(query.shape)}")
+        padded = cu_seqlens if cu_seqlens_padded is None else cu_seqlens_padded
+        packed = attach_packed_batch(padded, cu_seqlens, self.attention.ring_impl, self.groups)
         # [t, heads, hn] or [t, 1, heads, hn] -> [1, t, heads, hn]
         q, k, v = (t.reshape(1, t.shape[0], *t.shape[-2:]) for t in (query, key, value))
         out = self.attention(
             q, k, v, causal=causal, softmax_scale=self.softmax_scale,
-            cu_seqlens=cu_seqlens, cu_seqlens_padded=cu_seqlens_padded,
+            window_size=self.window_size, layout=packed.layout,
         )  # fmt: skip
         # [1, t, np, hn] -> [t, np * hn] (or [t, 1, np * hn])
         return out.reshape(query.shape[0], 1, -1) if with_batch else out.reshape(q.shape[1], -1)

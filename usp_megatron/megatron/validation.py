@@ -6,7 +6,8 @@ Megatron-LM flag validation, so every entry point refuses the same things in the
 
 from __future__ import annotations
 
-from usp_megatron.layout import check_degrees, check_window, layout_type
+from usp_megatron.checks import check_degrees, check_window
+from usp_megatron.layout import layout_type
 
 
 def heads_per_tp_rank(num_attention_heads: int, tensor_parallel_size: int) -> int:
@@ -75,13 +76,7 @@ def check_attention_options(
         raise ValueError(
             f"USP attention supports softmax_type='vanilla' only, got {softmax_type!r}"
         )
-    try:
-        check_window(None if window_size is None else tuple(window_size))
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"window_size (--window-size) must be (left, right) with integers >= -1 "
-            f"(-1: unbounded), got {window_size!r}"
-        ) from None
+    check_window(window_size)
 
 
 def check_position_embedding(position_embedding_type: str, ring_impl: str) -> None:

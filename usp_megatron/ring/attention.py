@@ -18,8 +18,7 @@ import torch
 
 from usp_megatron.comm import RingExchange
 from usp_megatron.groups import USPGroups
-from usp_megatron.kernels import AttentionKernel
-from usp_megatron.kernels.base import accum_dtype
+from usp_megatron.kernels import AttentionKernel, accum_dtype
 from usp_megatron.layout import SequenceLayout, Window
 from usp_megatron.mask import ALL_ROWS, BlockTask
 from usp_megatron.ring.merge import merge_by_lse
@@ -41,6 +40,11 @@ class _RingPass:
         causal: bool,
         window: Window | None,
     ) -> None:
+        if layout.ring_degree != groups.ring_degree:
+            raise ValueError(
+                f"{layout!r} is for ring degree {layout.ring_degree}, the ring group has "
+                f"{groups.ring_degree} ranks"
+            )
         self.group, self.rank, self.degree = groups.ring_group, groups.ring_rank, groups.ring_degree
         self.steps = layout.ring_steps(block_len, causal, window)
         self.tasks = [
