@@ -178,11 +178,20 @@ GPU_SHAPES = [
     (8192, 8192, -4096, 0, 32, 32, 128),  # the benchmark's window, 2 tiles past the head
     (12288, 12288, -4096, 0, 8, 2, 128),  # GQA
     (6144, 6144, -1024, 1024, 4, 4, 64),  # two-sided
-    (4096, 3000, -700, 900, 4, 1, 128),  # sq != sk, tail rows, MQA
+    (3000, 3600, -700, 900, 4, 1, 128),  # sq != sk, tail rows, MQA
     (2048, 2048, 0, None, 4, 4, 128),  # an anti-causal square (a ring's previous block)
     (3000, 2500, -1000, None, 4, 2, 64),  # one-sided, hi unbounded
     (1000, 1000, -100, 0, 4, 4, 64),  # too narrow to tile: the windowed kernel alone
 ]
+
+
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gpu_shapes_are_blocks_the_plan_takes(shape):
+    """(On CPU: the GPU test's shapes are valid blocks, and tiled where meant to be.)"""
+    pieces = plan_band(*shape[:4], 256)
+    tiled, kinds = max(p.n for p in pieces) > 1, {p.kind for p in pieces}
+    assert tiled == (GPU_SHAPES.index(shape) < 4), pieces
+    assert (kinds == {"band"}) == (shape == GPU_SHAPES[-1]), pieces
 
 
 def _gpu_reference(q, k, v, dout, mask, scale):
@@ -232,14 +241,15 @@ def test_gpu_usp_attention_window_one_gpu(window, causal):
 
     from usp_megatron import LongContextAttention, init_usp_groups
 
-    if not dist.is_initialized():
-        dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29541", rank=0,
-                                world_size=1)  # fmt: skip
-    attn = LongContextAttention(init_usp_groups(1, 1), backend="torch")
-    q, k, v, dout = _inputs(6144, 6144, 8, 4, 3, torch.bfloat16, "cuda", d=128, b=1)
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    attn(*leaves, causal=causal, window_size=window).backward(dout)
-    out = attn(q, k, v, causal=causal, window_size=window)
+    dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29541", rank=0, world_size=1)
+    try:
+        attn = LongContextAttention(init_usp_groups(1, 1), backend="torch")
+        q, k, v, dout = _inputs(6144, 6144, 8, 4, 3, torch.bfloat16, "cuda", d=128, b=1)
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = attn(*leaves, causal=causal, window_size=window)
+        out.backward(dout)
+    finally:
+        dist.destroy_process_group()
     ref_leaves = [x.double().requires_grad_() for x in (q, k, v)]
     ref = attention_float64(*ref_leaves, causal=causal, window=window)
     ref.backward(dout.double())
