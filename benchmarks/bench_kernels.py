@@ -8,6 +8,11 @@ Parts (``--parts``, comma-separated):
 - ``window``: fwd+bwd of the whole sequence on one GPU, dense (cuDNN, flash) against a
   sliding window (flash), and the share of ring block work a window leaves per layout.
 - ``packed``: packed documents (varlen flash) against dense causal of the same length.
+- ``tiled``: one block of a causal sliding window (``--window``, default 4096) at 16K to
+  128K tokens, 32 heads x 128, bf16, fwd+bwd, kernel calls only: dense causal cuDNN, the
+  window on flash alone (``torch_flash``), and on ``torch_window`` (kernels/windowed.py)
+  with its tile rules; the ratio of ``torch_window`` to dense cuDNN; and its output and
+  dq against flash's as a check. About a minute on one H100/H200.
 - ``blocks``: cuDNN fwd+bwd time and TFLOP/s of one ring block by block length and heads
   per rank: the kernel-efficiency term of ``choose_degrees``' cost model.
 
@@ -214,7 +219,72 @@ def packed(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-PARTS = {"overhead": overhead, "window": window, "blocks": blocks, "packed": packed}
+def tiled(args: argparse.Namespace) -> list[dict]:
+    """The tiled window kernel against flash's windowed op and dense causal cuDNN."""
+    from usp_megatron.kernels import get_kernel
+    from usp_megatron.kernels.windowed import TiledWindowKernel
+    from usp_megatron.mask import CAUSAL, BlockMask
+
+    cudnn = get_kernel("torch_cudnn", "cuda", torch.bfloat16)
+    flash = get_kernel("torch_flash", "cuda", torch.bfloat16, windows=True)
+    default = get_kernel("torch", "cuda", torch.bfloat16, windows=True)
+    variants = {
+        "dense cuDNN": (cudnn, None),
+        "window flash": (flash, "band"),
+        f"window {default.name}": (default, "band"),
+        "tiled, edge reversed on cuDNN": (TiledWindowKernel(cudnn, flash, flip_triangles=True),
+                                          "band"),
+        "tiled, tile band/4": (TiledWindowKernel(cudnn, flash, divisor=4), "band"),
+    }  # fmt: skip
+    size, scale, rows = args.window, 128**-0.5, []
+    for seq_len in args.tiled_seqlens:
+        q, k, v = (x.detach() for x in make_qkv(seq_len, 32, 128))
+        dout = torch.randn_like(q)
+        band, reference = BlockMask(-size, 0), None
+        for name, (kernel, masked) in variants.items():
+            mask = band if masked else CAUSAL
+
+            def step(kernel=kernel, mask=mask, q=q, k=k, v=v, dout=dout) -> tuple:
+                out, lse = kernel.forward(q, k, v, mask, scale)
+                return out, kernel.backward(dout, q, k, v, out, lse, mask, scale)[0]
+
+            row = dict(seq_len=seq_len, method=name)
+            if masked:  # "window flash" first: the others' output and dq against it
+                got = step()
+                reference = reference or got
+                row["err_out"], row["err_dq"] = (
+                    float((a.float() - b.float()).norm() / b.float().norm())
+                    for a, b in zip(got, reference)
+                )
+                del got
+            ms = timed_ms(step, 2, args.iters_long)
+            flops = causal_flops(seq_len, 32, 128, size if masked else None)
+            rows.append(dict(row, ms=ms, tflops=flops / ms / 1e9))
+        del q, k, v, dout, reference
+        torch.cuda.empty_cache()
+    print(f"\ncausal window {size}, 32 heads x 128, bf16, fwd+bwd, one block on one GPU "
+          f"({torch.cuda.get_device_name()})")  # fmt: skip
+    print(f"{'tokens':>8} {'method':<32} {'ms':>9} {'TFLOP/s':>8} {'vs dense':>9} "
+          f"{'out err':>8} {'dq err':>8}")  # fmt: skip
+    for r in rows:
+        dense = next(x["ms"] for x in rows if x["seq_len"] == r["seq_len"]
+                     and x["method"] == "dense cuDNN")  # fmt: skip
+        r["vs_dense"] = r["ms"] / dense
+        errs = f"{r['err_out']:>8.1e} {r['err_dq']:>8.1e}" if "err_out" in r else ""
+        print(f"{r['seq_len']:>8} {r['method']:<32} {r['ms']:>9.2f} {r['tflops']:>8.0f} "
+              f"{r['vs_dense']:>9.3f} {errs}")  # fmt: skip
+    print(f"\n{'tokens':>8} {'dense cuDNN ms':>15} {'flash window ms':>16} "
+          f"{default.name + ' ms':>17} {default.name + ' / dense':>20}")  # fmt: skip
+    for seq_len in sorted({r["seq_len"] for r in rows}):
+        ms = {r["method"]: r["ms"] for r in rows if r["seq_len"] == seq_len}
+        ours = ms[f"window {default.name}"]
+        print(f"{seq_len:>8} {ms['dense cuDNN']:>15.2f} {ms['window flash']:>16.2f} "
+              f"{ours:>17.2f} {ours / ms['dense cuDNN']:>20.3f}")  # fmt: skip
+    return rows
+
+
+PARTS = {"overhead": overhead, "window": window, "blocks": blocks, "packed": packed,
+         "tiled": tiled}  # fmt: skip
 
 
 def main() -> None:
@@ -223,6 +293,12 @@ def main() -> None:
     )
     parser.add_argument("--parts", default="overhead,window,blocks")
     parser.add_argument("--window", type=int, default=4096, help="sliding window (left)")
+    parser.add_argument(
+        "--tiled-seqlens",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[16384, 32768, 65536, 131072],
+        help="sequence lengths of the tiled part",
+    )
     parser.add_argument("--iters", type=int, default=200, help="iterations, overhead part")
     parser.add_argument("--iters-long", type=int, default=5, help="iterations, long parts")
     parser.add_argument("--out", default="runs/bench_kernels")

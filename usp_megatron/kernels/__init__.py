@@ -3,9 +3,10 @@
 ``get_kernel(backend, device, dtype)`` resolves a backend name to one concrete kernel, once
 per device and dtype (never per block):
 
-- ``torch``: the fastest of PyTorch's own ops present: cuDNN, then flash, then efficient
-  (flash for sliding windows and packed documents, which cuDNN's and efficient's ops here
-  do not take).
+- ``torch``: the fastest of PyTorch's own ops present: cuDNN, then flash, then efficient.
+  Sliding windows: ``torch_window`` (kernels/windowed.py: cuDNN for the band's full and
+  causal tiles, flash for its left edge), else flash. Packed documents: flash (cuDNN's and
+  efficient's ops here take neither). ``torch_flash`` is flash alone, windows included.
 - ``auto``: ``torch`` on CUDA, the plain-torch reference elsewhere. FlashAttention
   (``flash_attn``) is taken only when asked for by name: it has not passed this project's
   GPU tests yet, and on H100/H200 cuDNN measured faster.
@@ -21,21 +22,24 @@ from usp_megatron.kernels.base import AttentionKernel, accum_dtype
 from usp_megatron.kernels.flash_attn import FlashAttnKernel, flash_attn_importable
 from usp_megatron.kernels.reference import ReferenceKernel
 from usp_megatron.kernels.torch_sdpa import CudnnSDPAKernel, EfficientSDPAKernel, FlashSDPAKernel
+from usp_megatron.kernels.windowed import TiledWindowKernel
 
 _KERNELS: dict[str, AttentionKernel] = {
     k.name: k
     for k in (
         FlashAttnKernel(),
         CudnnSDPAKernel(),
+        TiledWindowKernel(CudnnSDPAKernel(), FlashSDPAKernel()),
         FlashSDPAKernel(),
         EfficientSDPAKernel(),
         ReferenceKernel(),
     )
 }
-#: What each family name tries, in order of measured speed.
+#: What each family name tries, in order of measured speed (the first that takes the
+#: block's kind of mask wins: torch_cudnn takes no window, torch_window no documents).
 _FAMILIES = {
-    "auto": ("torch_cudnn", "torch_flash", "torch_efficient", "reference"),
-    "torch": ("torch_cudnn", "torch_flash", "torch_efficient"),
+    "auto": ("torch_cudnn", "torch_window", "torch_flash", "torch_efficient", "reference"),
+    "torch": ("torch_cudnn", "torch_window", "torch_flash", "torch_efficient"),
 }
 BACKENDS = ("auto", "flash_attn", "torch", *(name for name in _KERNELS if name != "flash_attn"))
 _flash_attn_note_given = False
@@ -67,8 +71,9 @@ def get_kernel(
     """The kernel for ``backend`` on this device and dtype; ValueError if it cannot run there.
 
     ``windows``: it must compute banded blocks (sliding windows); among PyTorch's ops only
-    flash does. ``documents``: it must compute packed documents (varlen); among PyTorch's
-    ops only flash does (the reference kernel on CPU).
+    flash does, alone or under cuDNN in ``torch_window``. ``documents``: it must compute
+    packed documents (varlen); among PyTorch's ops only flash does (the reference kernel
+    on CPU).
     """
     check_backend(backend)
     device = torch.device(device)
@@ -84,8 +89,9 @@ def get_kernel(
             return kernel
     if windows and backend in _KERNELS and _KERNELS[backend].available(device, dtype):
         raise ValueError(
-            f"attention backend {backend!r} has no sliding-window kernel; use 'torch_flash' "
-            "(or 'torch' / 'auto', which pick it for windowed layers) or 'flash_attn'"
+            f"attention backend {backend!r} has no sliding-window kernel; use 'torch_window' "
+            "(or 'torch' / 'auto', which pick it for windowed layers), 'torch_flash' or "
+            "'flash_attn'"
         )
     if documents and backend in _KERNELS and _KERNELS[backend].available(device, dtype):
         raise ValueError(
