@@ -110,6 +110,69 @@ def test_megatron_thd_rope_on_a_usp_shard_is_per_document(ulysses, ring, monkeyp
         assert torch.equal(mine, one_rank[positions]), c
 
 
+@pytest.mark.parametrize("ulysses,ring", DEGREES)
+def test_vectorised_packed_rope_equals_megatrons_per_document_loop(ulysses, ring, monkeypatch):
+    """USP's RoPE for packed batches (the rows of the batch's ``PackedBatch``, one gather)
+    gives exactly what Megatron's per-document ``_apply_rotary_pos_emb_thd`` gives on every
+    rank's shard, queries [t, h, d] and [t, 1, h, d], plain and interleaved."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_thd
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from usp_megatron.megatron.rope import apply_rotary_pos_emb_usp
+
+    cp, dim = ulysses * ring, 8
+    padded = torch.tensor(PADDED, dtype=torch.int32)
+    real = torch.tensor(REAL, dtype=torch.int32)
+    gen = torch.Generator().manual_seed(11)
+    full = torch.randn(PADDED[-1], 3, dim, generator=gen)
+    for interleaved in (False, True):
+        rotary = RotaryEmbedding(
+            kv_channels=dim, rotary_percent=1.0, rotary_interleaved=interleaved,
+            use_cpu_initialization=True,
+        )  # fmt: skip
+        freqs = rotary(32, packed_seq=True)
+        config = argparse.Namespace(apply_rope_fusion=False, rotary_interleaved=interleaved)
+        for c in range(cp):
+            boundaries = padded.clone()  # each rank its own batch, as in training
+            split, _ = get_thd_batch_on_this_usp_rank(
+                {"tokens": torch.arange(PADDED[-1])[None]}, real, boundaries, 32,
+                groups=_groups(ulysses, ring, c),
+            )  # fmt: skip
+            mine = full[split["tokens"][0]]
+            want = _apply_rotary_pos_emb_thd(
+                mine, boundaries, freqs, rotary_interleaved=interleaved,
+                cp_group=_FakeCPGroup(cp, c),
+            )  # fmt: skip
+            got = apply_rotary_pos_emb_usp(mine, freqs, config, cu_seqlens=boundaries)
+            assert torch.equal(got, want), (interleaved, c)
+            got4 = apply_rotary_pos_emb_usp(mine[:, None], freqs, config, cu_seqlens=boundaries)
+            assert torch.equal(got4[:, 0], want), (interleaved, c)
+
+
+def test_packed_layout_is_built_once_per_batch(monkeypatch):
+    """The batch split reads the boundaries on the host once and attaches the layout; a
+    layer (and RoPE) then finds it without reading them again; another rank's split of the
+    same tensor gets its own rows."""
+    from usp_megatron.megatron import packed_batch
+
+    builds = []
+    real_build = packed_batch.packed_layout
+    monkeypatch.setattr(
+        packed_batch, "packed_layout", lambda *a, **k: builds.append(1) or real_build(*a, **k)
+    )
+    padded, real = torch.tensor(PADDED, dtype=torch.int32), torch.tensor(REAL, dtype=torch.int32)
+    groups = _groups(2, 2, 1)
+    _, params = get_thd_batch_on_this_usp_rank(_batch(PADDED[-1]), real, padded, 32, groups=groups)
+    for _ in range(24):  # every layer asks
+        found = packed_batch.attach_packed_batch(
+            params.cu_seqlens_q_padded, params.cu_seqlens_q, "zigzag", groups
+        )
+    assert len(builds) == 1 and found is packed_batch.packed_batch_of(padded)
+    other = packed_batch.attach_packed_batch(padded, real, "zigzag", _groups(2, 2, 2))
+    assert len(builds) == 2 and (other.ulysses_rank, other.ring_rank) == (0, 1)
+
+
 def test_megatron_lm_thd_hook_routes_to_usp_when_enabled():
     from usp_megatron.megatron.megatron_lm import wrap_thd_batch_split
 

@@ -26,6 +26,18 @@ class PackedBatch(NamedTuple):
     #: [t_local] int64 on the batch's device: the position of each local token inside its
     #: own document (its rotary-table row; Megatron's THD RoPE counts from 0 per document).
     rope_rows: torch.Tensor
+    #: The rank the rows are for.
+    ulysses_rank: int
+    ring_rank: int
+
+    def is_for(self, ring_impl: str, groups: USPGroups) -> bool:
+        layout = self.layout
+        return (
+            (layout.ulysses_degree, layout.ring_degree)
+            == (groups.ulysses_degree, groups.ring_degree)
+            and (self.ulysses_rank, self.ring_rank) == (groups.ulysses_rank, groups.ring_rank)
+            and ring_impl == "zigzag"
+        )
 
 
 def attach_packed_batch(
@@ -37,13 +49,14 @@ def attach_packed_batch(
     """Build the batch's :class:`PackedBatch` (one host read of the boundaries) and attach
     it to ``cu_seqlens_padded``; returns it. ``cu_seqlens=None``: no padding."""
     found = packed_batch_of(cu_seqlens_padded)
-    if found is not None:
+    if found is not None and found.is_for(ring_impl, groups):
         return found
     layout = packed_layout(
         ring_impl, groups.ulysses_degree, groups.ring_degree, cu_seqlens_padded, cu_seqlens
     )
-    rows = layout.document_positions(groups.ulysses_rank, groups.ring_rank)
-    batch = PackedBatch(layout, rows.to(cu_seqlens_padded.device))
+    u, r = groups.ulysses_rank, groups.ring_rank
+    rows = layout.document_positions(u, r).to(cu_seqlens_padded.device)
+    batch = PackedBatch(layout, rows, u, r)
     setattr(cu_seqlens_padded, _ATTRIBUTE, batch)
     return batch
 
