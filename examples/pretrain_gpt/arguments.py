@@ -109,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
         "size; fix it to compare layouts on the same samples)",
     )
     data.add_argument(
+        "--pack-documents-per-sample",
+        type=int,
+        default=None,
+        help="with --pack-documents: cut every sample into this many equal documents instead "
+        "of at end-of-document tokens (a fixed packing, for speed runs)",
+    )
+    data.add_argument(
         "--no-document-mask",
         dest="document_mask",
         action="store_false",
@@ -139,6 +146,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"--pack-documents packs each sample into one THD sequence: it needs "
             f"--micro-batch-size 1, got {args.micro_batch_size}"
         )
-    if not args.pack_documents and (args.pack_pad_multiple or not args.document_mask):
-        raise ValueError("--pack-pad-multiple and --no-document-mask need --pack-documents")
+    if not args.pack_documents and (
+        args.pack_pad_multiple or not args.document_mask or args.pack_documents_per_sample
+    ):
+        raise ValueError(
+            "--pack-pad-multiple, --pack-documents-per-sample and --no-document-mask need "
+            "--pack-documents"
+        )
+    per_sample = args.pack_documents_per_sample
+    if per_sample is not None and not 1 <= per_sample <= args.seq_length:
+        raise ValueError(
+            f"--pack-documents-per-sample must be between 1 and --seq-length "
+            f"{args.seq_length}, got {per_sample}"
+        )
     return args

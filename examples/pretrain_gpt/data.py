@@ -69,14 +69,18 @@ def build_dataset(args: argparse.Namespace, num_samples: int) -> GPTDataset:
 
 
 def pack_documents(
-    sample: dict[str, torch.Tensor], eod: int, multiple: int
+    sample: dict[str, torch.Tensor], eod: int, multiple: int, per_sample: int | None = None
 ) -> dict[str, torch.Tensor]:
     """One GPTDataset sample as packed documents (THD): cut after every end-of-document
-    token, each document padded to a multiple of ``multiple``. Padding has loss mask 0, and
-    so has a document's end-of-document token, whose label is the next document's first
-    token (which document masking makes unpredictable). Position ids count per document."""
+    token (or, with ``per_sample``, into that many equal documents), each document padded
+    to a multiple of ``multiple``. Padding has loss mask 0, and so has a document's
+    end-of-document token, whose label is the next document's first token (which document
+    masking makes unpredictable). Position ids count per document."""
     tokens = sample["tokens"]
-    ends = (tokens == eod).nonzero().flatten().add(1).tolist()
+    if per_sample is None:
+        ends = (tokens == eod).nonzero().flatten().add(1).tolist()
+    else:
+        ends = [len(tokens) * (n + 1) // per_sample for n in range(per_sample)]
     bounds = sorted({0, *ends, len(tokens)})
     pieces: dict[str, list[torch.Tensor]] = {k: [] for k in ("tokens", "labels", "loss_mask")}
     positions, real, padded = [], [], []

@@ -207,7 +207,10 @@ def train(args: argparse.Namespace) -> list[dict]:
     pack = None
     if args.pack_documents:
         multiple = args.pack_pad_multiple or 2 * args.context_parallel_size
-        pack = partial(pack_documents, eod=tokenizer_for(args).eod, multiple=multiple)
+        pack = partial(
+            pack_documents, eod=tokenizer_for(args).eod, multiple=multiple,
+            per_sample=args.pack_documents_per_sample,
+        )  # fmt: skip
     data = micro_batches(
         dataset,
         args.global_batch_size,
