@@ -7,6 +7,10 @@
 ``validate_usp_args`` runs after it, when derived values such as ``seq_length`` are final.
 USP is on when either degree is above 1; otherwise both leave the arguments alone. A degree
 below 1 is an error, never a way to turn USP off.
+
+``--cp-comm-type`` (Megatron-LM's, default ``["p2p"]``) is set by ``apply_usp_args`` to what
+the degrees do (``usp_cp_comm_type``) unless the user typed it; a typed value must agree.
+See :class:`MegatronDefault` for how the two are told apart.
 """
 
 from __future__ import annotations
@@ -21,12 +25,63 @@ from usp_megatron.layout import RING_IMPLS, check_seq_len
 from usp_megatron.megatron.validation import (
     check_attention_options,
     check_context_parallel,
+    check_cp_comm_type,
     check_heads,
     check_position_embedding,
     heads_per_tp_rank,
+    usp_cp_comm_type,
 )
 
 AUTO = "auto"
+
+
+class MegatronDefault(list):
+    """Megatron-LM's own default of ``--cp-comm-type`` (``["p2p"]``), marked as not typed.
+
+    USP must set ``cp_comm_type`` to what its degrees do (``a2a+p2p``, ``a2a``, ``p2p``) yet
+    refuse a value the user typed that contradicts them. By value, Megatron's default
+    ``["p2p"]`` and a typed ``--cp-comm-type p2p`` are the same list, so ``add_usp_args``
+    (which runs after Megatron-LM has added its arguments) replaces the parser's default with
+    this subclass of ``list``, equal to it element for element. argparse hands a default to
+    the namespace as the object itself, and a typed flag as a new plain list, so the type
+    tells them apart. A marked list still is Megatron's default to every reader (a script
+    that never calls ``apply_usp_args`` behaves as before); ``apply_usp_args`` replaces it by
+    a plain list: USP's value when USP is on, Megatron's own default when it is off, so a
+    run without ``--usp-*`` flags gets exactly what it got without the plugin. A sentinel such
+    as None would have been unambiguous too, but would have broken every reader of the
+    arguments before ``apply_usp_args`` (Megatron-LM tests ``"a2a+p2p" in args.cp_comm_type``).
+    """
+
+
+def _mark_cp_comm_type_default(parser: argparse.ArgumentParser) -> None:
+    """Mark Megatron-LM's ``--cp-comm-type`` default as untyped (no-op without that flag)."""
+    default = parser.get_default("cp_comm_type")
+    if isinstance(default, list) and not isinstance(default, MegatronDefault):
+        parser.set_defaults(cp_comm_type=MegatronDefault(default))
+
+
+def _apply_cp_comm_type(args: argparse.Namespace, enabled: bool) -> None:
+    """Set ``cp_comm_type`` where the user did not type it; check it where they did."""
+    given = getattr(args, "cp_comm_type", None)
+    if isinstance(given, MegatronDefault):
+        u, r = args.usp_ulysses_degree, args.usp_ring_degree
+        args.cp_comm_type = [usp_cp_comm_type(u, r)] if enabled else list(given)
+        return
+    if not enabled or given is None:
+        return
+    typed = [given] if isinstance(given, str) else list(given)
+    u, r = args.usp_ulysses_degree, args.usp_ring_degree
+    for value in typed:
+        try:
+            check_cp_comm_type(value, u, r)
+        except ValueError:
+            wanted = usp_cp_comm_type(u, r)
+            raise ValueError(
+                f"--cp-comm-type {' '.join(map(str, typed))} contradicts --usp-ulysses-degree "
+                f"{u} x --usp-ring-degree {r}: {value!r} does not describe USP, which "
+                f"communicates as {wanted!r} with these degrees; drop --cp-comm-type (USP sets "
+                f"it) or pass --cp-comm-type {wanted}"
+            ) from None
 
 
 def _ulysses_degree(value: str) -> int | str:
@@ -44,7 +99,9 @@ def _ulysses_degree(value: str) -> int | str:
 def add_usp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``--usp-ulysses-degree``, ``--usp-ring-degree``, ``--usp-ring-impl``,
     ``--usp-attn-backend``, ``--usp-gpus-per-node``; returns the parser (the
-    ``extra_args_provider`` contract)."""
+    ``extra_args_provider`` contract). Also marks Megatron-LM's ``--cp-comm-type`` default
+    as not typed (:class:`MegatronDefault`), where the parser has that flag."""
+    _mark_cp_comm_type_default(parser)
     group = parser.add_argument_group(title="usp (unified sequence parallelism)")
     group.add_argument(
         "--usp-ulysses-degree",
@@ -188,13 +245,16 @@ def _log(args: argparse.Namespace, line: str) -> None:
 
 
 def apply_usp_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Turn the USP degrees into Megatron's context-parallel settings (before validate_args)."""
+    """Turn the USP degrees into Megatron's context-parallel settings (before validate_args):
+    context-parallel size, hierarchical sizes and, unless typed, ``cp_comm_type``."""
     u, r = _degrees(args)
     if u == AUTO:
         _choose_auto(args)
     elif r is None:
         args.usp_ring_degree = 1
-    if not usp_enabled(args):
+    enabled = usp_enabled(args)
+    _apply_cp_comm_type(args, enabled)
+    if not enabled:
         return args
     u, r = args.usp_ulysses_degree, args.usp_ring_degree
     check_context_parallel(
@@ -227,6 +287,11 @@ def validate_usp_args(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, "group_query_attention", True)
         else None,
     )
+    comm = getattr(args, "cp_comm_type", None)
+    if isinstance(comm, MegatronDefault):
+        raise ValueError("--cp-comm-type is resolved by apply_usp_args: run it first")
+    for value in [comm] if comm is None or isinstance(comm, str) else comm:
+        check_cp_comm_type(value, u, r)
     check_seq_len(args.seq_length, u, r, impl)
     check_attention_options(
         attention_dropout=getattr(args, "attention_dropout", 0.0),

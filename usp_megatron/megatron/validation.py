@@ -89,6 +89,14 @@ def check_position_embedding(position_embedding_type: str, ring_impl: str) -> No
         )
 
 
+def usp_cp_comm_type(ulysses_degree: int, ring_degree: int) -> str:
+    """The ``cp_comm_type`` that names what USP does: ``a2a+p2p`` with both degrees above 1,
+    ``a2a`` without a ring (``R == 1``), ``p2p`` without an all-to-all (``U == 1``)."""
+    if ring_degree == 1:
+        return "a2a"
+    return "p2p" if ulysses_degree == 1 else "a2a+p2p"
+
+
 def check_cp_comm_type(cp_comm_type: object, ulysses_degree: int, ring_degree: int) -> None:
     """Megatron's per-layer ``cp_comm_type`` must name what USP's degrees do: ``a2a+p2p``
     (or None) always, ``p2p`` with ``U == 1``, ``a2a`` with ``R == 1``; never ``all_gather``."""
@@ -97,7 +105,8 @@ def check_cp_comm_type(cp_comm_type: object, ulysses_degree: int, ring_degree: i
         raise ValueError(
             f"cp_comm_type={cp_comm_type!r} does not describe USP with ulysses degree "
             f"{ulysses_degree} x ring degree {ring_degree}: the degrees decide the "
-            "communication; leave cp_comm_type unset (or 'a2a+p2p')"
+            f"communication ({usp_cp_comm_type(ulysses_degree, ring_degree)!r} here); leave "
+            "cp_comm_type unset (or 'a2a+p2p')"
         )
 
 
