@@ -235,6 +235,9 @@ def tiled(args: argparse.Namespace) -> list[dict]:
         "tiled, edge reversed on cuDNN": (TiledWindowKernel(cudnn, flash, flip_triangles=True),
                                           "band"),
         "tiled, tile band/4": (TiledWindowKernel(cudnn, flash, divisor=4), "band"),
+        "tiled, tile band/1": (TiledWindowKernel(cudnn, flash, divisor=1), "band"),
+        "tiled, tile band/1, reversed": (
+            TiledWindowKernel(cudnn, flash, divisor=1, flip_triangles=True), "band"),
     }  # fmt: skip
     size, scale, rows = args.window, 128**-0.5, []
     for seq_len in args.tiled_seqlens:

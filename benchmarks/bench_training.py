@@ -29,6 +29,7 @@ CONFIGS: dict[str, list[str]] = {
     "packed": ["--pack-documents"],
     "packed8": ["--pack-documents", "--pack-documents-per-sample", "8"],
     "window4096": ["--window-size", "4096", "0"],
+    "window4096_flash": ["--window-size", "4096", "0", "--usp-attn-backend", "torch_flash"],
 }
 
 

@@ -48,6 +48,8 @@ def _cases():
         (2, 7, 0, 5, 1, 2),  # keys before the band's first ... none: lo = 0
         (20, 30, 4, 12, 2, 2),  # keys 0..3 seen by no row (lo > 0)
         (64, 64, -16, 0, 100, 2),  # band below min_tile: one windowed call
+        (64, 64, -16, 0, 2, 1),  # divisor 1: two triangles per tile, no full piece
+        (50, 50, -9, 4, 2, 1),
     ]
     rng = random.Random(19)
     while len(cases) < 80:
@@ -55,7 +57,7 @@ def _cases():
         lo = None if rng.random() < 0.2 else rng.randint(-sq // 2, 2)
         hi = None if rng.random() < 0.2 else rng.randint(-2, sk // 3)
         if _takes(sq, sk, lo, hi):
-            cases.append((sq, sk, lo, hi, rng.choice([1, 2, 3]), rng.choice([2, 2, 3, 4])))
+            cases.append((sq, sk, lo, hi, rng.choice([1, 2, 3]), rng.choice([1, 2, 2, 3, 4])))
     return cases
 
 
@@ -89,7 +91,9 @@ def _inputs(sq, sk, hq, hkv, seed, dtype=torch.float64, device="cpu", d=8, b=2):
 @pytest.mark.parametrize("sq,sk,lo,hi,min_tile,divisor", CASES)
 def test_tiled_matches_whole_block_float64(sq, sk, lo, hi, min_tile, divisor, flip):
     ref = ReferenceKernel()
-    tiled = TiledWindowKernel(ref, ref, min_tile=min_tile, divisor=divisor, flip_triangles=flip)
+    tiled = TiledWindowKernel(
+        ref, ref, min_tile=min_tile, divisor=divisor, flip_triangles=flip, min_piece=1
+    )
     mask = BlockMask(lo, hi)
     for seed, (hq, hkv) in enumerate([(4, 4), (4, 2), (3, 1)]):
         q, k, v, dout = _inputs(sq, sk, hq, hkv, seed + sq * 100 + sk)
@@ -143,7 +147,7 @@ def test_calls_per_block_do_not_grow_with_length(lo, hi):
     calls = set()
     for length in (64, 128, 256, 512):
         dense, windowed = _Counting(), _Counting()
-        tiled = TiledWindowKernel(dense, windowed, min_tile=4)
+        tiled = TiledWindowKernel(dense, windowed, min_tile=4, min_piece=1)
         q, k, v, dout = _inputs(length, length, 2, 2, length, d=4, b=1)
         mask = BlockMask(lo, hi)
         out, lse = tiled.forward(q, k, v, mask, 0.5)
@@ -151,6 +155,20 @@ def test_calls_per_block_do_not_grow_with_length(lo, hi):
         calls.add((dense.calls, windowed.calls))
         assert len(plan_band(length, length, lo, hi, 4)) <= 9
     assert len(calls) == 1, calls
+
+
+def test_small_pieces_go_to_the_windowed_kernel():
+    """cuDNN refuses 1 x 1 blocks: a piece below min_piece rows or keys is the windowed
+    kernel's, whatever its mask (seen on an H100: 's_q = s_kv = 1 is not supported')."""
+    dense, windowed = _Counting(), _Counting()
+    tiled = TiledWindowKernel(dense, windowed, min_tile=4, min_piece=8)
+    q, k, v, dout = _inputs(67, 67, 2, 2, 3, d=4, b=1)
+    mask = BlockMask(-17, 0)
+    assert min(min(p.rows, p.keys) for p in tiled.plan(67, 67, mask)) < 8
+    out, lse = tiled.forward(q, k, v, mask, 0.5)
+    ref_out, ref_lse = ReferenceKernel().forward(q, k, v, mask, 0.5)
+    assert rel_error(out, ref_out) < 1e-10 and rel_error(lse, ref_lse) < 1e-10
+    assert dense.calls and windowed.calls
 
 
 def test_unbanded_blocks_are_one_dense_call_and_narrow_bands_one_windowed():

@@ -11,8 +11,9 @@ square-causal, so :class:`TiledWindowKernel` cuts it into query tiles of ``T`` r
 - keys ``a+lo+T .. a+hi-1``, all of them (*full*: the dense kernel without a mask);
 - keys ``a+hi .. a+hi+T-1``, ``y <= x`` (the right edge: *causal*, the dense kernel's).
 
-Tile rule: ``T = B // divisor`` (default 2, so the full piece is one tile long too and,
-with ``k`` contiguous and batch 1, every piece's rows and keys are plain views). Each
+Tile rule: ``T = B // divisor`` (with ``k`` contiguous and batch 1, every piece's rows and
+keys are plain views for divisor 1 and 2; with 1 the two triangles meet and there is no
+full piece). Each
 kind of piece of all interior tiles is ONE kernel call, the tiles stacked as batch. Rows
 before the first interior tile (the band cut by key 0) and after the last (cut by the
 last key, or a tile that no longer fits) are sub-blocks of their own, cut the same way
@@ -38,6 +39,14 @@ from usp_megatron.mask import CAUSAL, FULL, BlockMask
 
 FULL_PIECE, CAUSAL_PIECE, ANTICAUSAL_PIECE, BAND_PIECE = "full", "causal", "anticausal", "band"
 ANTICAUSAL = BlockMask(lo=0)
+
+
+def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where the pieces' outputs and gradients add up: 16-bit ones in their own dtype (each
+    add is computed in float32 and rounded once; an element gets at most three terms),
+    since float32 buffers cost more passes over memory than the tiling saves; others in
+    ``accum_dtype``."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) else accum_dtype(dtype)
 
 
 class Piece(NamedTuple):
@@ -123,8 +132,9 @@ def plan_band(
     pieces = [
         Piece(CAUSAL_PIECE, first, first + hi, n, tile, tile),
         Piece(ANTICAUSAL_PIECE, first, first + lo, n, tile, tile),
-        Piece(FULL_PIECE, first, first + lo + tile, n, tile, hi - lo - tile),
     ]
+    if hi - lo > tile:  # divisor 1: the two triangles meet, nothing between them
+        pieces.append(Piece(FULL_PIECE, first, first + lo + tile, n, tile, hi - lo - tile))
     if first > 0:
         pieces += _rows_of_band(sq, sk, lo, hi, 0, first, min_tile, divisor)
     if end < sq:
@@ -180,12 +190,15 @@ class TiledWindowKernel:
         divisor: int = 2,
         flip_triangles: bool = False,
         name: str = "torch_window",
+        min_piece: int = 64,
     ) -> None:
-        if divisor < 2:
-            raise ValueError(f"divisor must be >= 2 (full pieces of >= 1 tile), got {divisor}")
+        """``min_piece``: pieces with fewer rows or keys go to ``windowed`` whatever their
+        mask (cuDNN refuses 1 x 1 blocks, and such a piece costs less than a launch)."""
+        if divisor < 1:
+            raise ValueError(f"divisor must be >= 1 (tiles of at most the band), got {divisor}")
         self.dense, self.windowed = dense, windowed
         self.min_tile, self.divisor, self.flip_triangles = min_tile, divisor, flip_triangles
-        self.name = name
+        self.name, self.min_piece = name, min_piece
 
     def available(self, device: torch.device, dtype: torch.dtype) -> bool:
         return self.dense.available(device, dtype) and self.windowed.available(device, dtype)
@@ -195,7 +208,7 @@ class TiledWindowKernel:
 
     def _kernel(self, piece: Piece) -> tuple[AttentionKernel, BlockMask, bool]:
         """Which kernel computes a piece, with which mask, and whether reversed."""
-        if piece.kind == BAND_PIECE:
+        if piece.kind == BAND_PIECE or min(piece.rows, piece.keys) < self.min_piece:
             return self.windowed, piece.mask(), False
         if piece.kind == ANTICAUSAL_PIECE:
             if self.flip_triangles:
@@ -218,7 +231,7 @@ class TiledWindowKernel:
             into = lse[:, :, p.q0 : p.q0 + p.n * p.rows].view(b, hq, p.n, p.rows)
             into.copy_(torch.logaddexp(into, rows))
             piece_lse.append(rows)
-        out = q.new_zeros((b, sq, hq, d), dtype=acc)
+        out = q.new_zeros((b, sq, hq, d), dtype=_sum_dtype(q.dtype))
         for p, (block_out, _), rows in zip(pieces, results, piece_lse):
             final = lse[:, :, p.q0 : p.q0 + p.n * p.rows].view(b, hq, p.n, p.rows)
             weight = torch.exp(rows - final).permute(0, 2, 3, 1).unsqueeze(-1)  # [b,n,r,h,1]
@@ -250,7 +263,7 @@ class TiledWindowKernel:
         pieces = self.plan(q.shape[1], k.shape[1], mask)
         if len(pieces) == 1:
             return self._piece_backward(pieces[0], dout, q, k, v, out, lse, scale)
-        acc = accum_dtype(q.dtype)
+        acc = _sum_dtype(q.dtype)
         dq, dk, dv = (x.new_zeros(x.shape, dtype=acc) for x in (q, k, v))
         for p in pieces:
             dq_p, dk_p, dv_p = self._piece_backward(p, dout, q, k, v, out, lse, scale)
