@@ -56,7 +56,7 @@ def run_one(args: argparse.Namespace, name: str, seq_len: int, out: Path) -> dic
         "--seq-length", str(seq_len), "--micro-batch-size", "1",
         "--global-batch-size", str(args.gpus), "--bf16", "--train-iters", str(args.iters),
         "--lr-warmup-iters", "1", "--usp-ulysses-degree", str(args.gpus),
-        "--history-json", str(history), *CONFIGS[name], *args.extra,
+        "--history-json", str(history), "--count-host-syncs", *CONFIGS[name], *args.extra,
     ]  # fmt: skip
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
@@ -74,6 +74,9 @@ def run_one(args: argparse.Namespace, name: str, seq_len: int, out: Path) -> dic
     row["mfu"] = statistics.median(mfu) if mfu else None
     documents = [r["documents_per_sample"] for r in steady if "documents_per_sample" in r]
     row["documents_per_sample"] = statistics.mean(documents) if documents else None
+    syncs = [r["host_syncs"] for r in steady if "host_syncs" in r]
+    row["host_syncs_per_it"] = statistics.median(syncs) if syncs else None
+    row["host_sync_sites"] = steady[-1].get("host_sync_sites")
     row["peak_memory_gib"] = max(r["peak_memory_bytes"] or 0 for r in steady) / 2**30
     return row
 
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rows[-1]), flush=True)
     dense = {r["seq_len"]: r.get("tokens_per_s") for r in rows if r["config"] == "dense"}
     print(f"\n{'config':<11} {'seq':>6} {'docs':>6} {'tok/s':>9} {'MFU':>6} {'s/it':>7} "
-          f"{'GiB':>6} {'vs dense':>8}")  # fmt: skip
+          f"{'GiB':>6} {'vs dense':>8} {'syncs/it':>8}")  # fmt: skip
     for r in rows:
         if "tokens_per_s" not in r:
             print(f"{r['config']:<11} {r['seq_len']:>6} failed (rc {r['rc']}): {r['error']}")
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
         speed = f"{r['tokens_per_s']:>9,.0f} {mfu:>6} {r['s_per_it']:>7.3f}"
         print(f"{r['config']:<11} {r['seq_len']:>6} {docs:>6} {speed} "
-              f"{r['peak_memory_gib']:>6.1f} {ratio:>8}")  # fmt: skip
+              f"{r['peak_memory_gib']:>6.1f} {ratio:>8} {r['host_syncs_per_it']!s:>8}")  # fmt: skip
     (out / "train_speed.json").write_text(json.dumps(rows, indent=1))
     return 0 if all(r["rc"] == 0 for r in rows) else 1
 

@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--bf16", action="store_true", help="bf16 model, float32 main weights")
     train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     train.add_argument("--log-interval", type=int, default=1)
+    train.add_argument(
+        "--count-host-syncs",
+        action="store_true",
+        help="CUDA: count the operations of each iteration that make the host wait for the "
+        "GPU (PyTorch's sync debug mode), into the history (host_syncs, host_sync_sites)",
+    )
 
     data = parser.add_argument_group("data")
     data.add_argument(

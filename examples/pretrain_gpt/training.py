@@ -8,8 +8,12 @@ the same code run on gloo.
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import math
 import time
+import warnings
+from collections.abc import Iterator
 from functools import partial
 
 import torch
@@ -152,6 +156,24 @@ def _forward_step(args: argparse.Namespace, documents: list[int], data_iterator,
     return output, partial(_loss, batch["loss_mask"])
 
 
+@contextlib.contextmanager
+def counting_host_syncs(enabled: bool) -> Iterator[list[str]]:
+    """Collects, as ``file:line``, every CUDA operation inside the block that makes the host
+    wait for the GPU (PyTorch's sync debug mode), e.g. a ``.item()`` or ``.tolist()``."""
+    sites: list[str] = []
+    if not enabled:
+        yield sites
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield sites
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            sites += [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+
+
 def train(args: argparse.Namespace) -> list[dict]:
     """Train ``args.train_iters`` iterations; returns loss, grad norm and speed per iteration."""
     plan = initialize(args)
@@ -229,17 +251,18 @@ def train(args: argparse.Namespace) -> list[dict]:
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         documents: list[int] = []  # per packed sample of this rank
-        reports = forward_backward(
-            forward_step_func=partial(_forward_step, args, documents),
-            data_iterator=data,
-            model=[ddp],
-            num_microbatches=num_micro,
-            seq_length=args.seq_length,
-            micro_batch_size=args.micro_batch_size,
-            forward_only=False,
-        )
-        lr = optimizer.param_groups[0]["lr"]
-        _, grad_norm, _ = optimizer.step()
+        with counting_host_syncs(args.count_host_syncs and use_cuda(args)) as syncs:
+            reports = forward_backward(
+                forward_step_func=partial(_forward_step, args, documents),
+                data_iterator=data,
+                model=[ddp],
+                num_microbatches=num_micro,
+                seq_length=args.seq_length,
+                micro_batch_size=args.micro_batch_size,
+                forward_only=False,
+            )
+            lr = optimizer.param_groups[0]["lr"]
+            _, grad_norm, _ = optimizer.step()
         scheduler.step(increment=1)
         totals = torch.stack([r["lm loss"] for r in reports]).sum(0)
         dist.all_reduce(totals, group=ps.get_data_parallel_group(with_context_parallel=True))
@@ -251,6 +274,9 @@ def train(args: argparse.Namespace) -> list[dict]:
         history.append(
             reporter.record(iteration + 1, loss, float(grad_norm), lr, seconds, per_sample)
         )
+        if args.count_host_syncs:
+            history[-1]["host_syncs"] = len(syncs)
+            history[-1]["host_sync_sites"] = dict(collections.Counter(syncs).most_common(8))
         if args.save and args.save_interval and (iteration + 1) % args.save_interval == 0:
             save_checkpoint(args, iteration + 1, ddp, optimizer, scheduler)
     if args.save and (not args.save_interval or args.train_iters % args.save_interval):

@@ -29,7 +29,9 @@ _KERNELS: dict[str, AttentionKernel] = {
     for k in (
         FlashAttnKernel(),
         CudnnSDPAKernel(),
-        TiledWindowKernel(CudnnSDPAKernel(), FlashSDPAKernel()),
+        # Tiles of the whole band, the anti-causal edge reversed onto cuDNN too: the fastest
+        # variant on one H100 (docs/benchmarks.md, "Sliding windows on cuDNN").
+        TiledWindowKernel(CudnnSDPAKernel(), FlashSDPAKernel(), divisor=1, flip_triangles=True),
         FlashSDPAKernel(),
         EfficientSDPAKernel(),
         ReferenceKernel(),
