@@ -264,7 +264,8 @@ def tiled(args: argparse.Namespace) -> list[dict]:
             rows.append(dict(row, ms=ms, tflops=flops / ms / 1e9))
         del q, k, v, dout, reference
         torch.cuda.empty_cache()
-    print(f"\ncausal window {size}, {args.tiled_heads}/{args.tiled_kv_heads} heads x 128, bf16, fwd+bwd, one block on one GPU "
+    heads = f"{args.tiled_heads}/{args.tiled_kv_heads} heads x 128"
+    print(f"\ncausal window {size}, {heads}, bf16, fwd+bwd, one block on one GPU "
           f"({torch.cuda.get_device_name()})")  # fmt: skip
     print(f"{'tokens':>8} {'method':<32} {'ms':>9} {'TFLOP/s':>8} {'vs dense':>9} "
           f"{'out err':>8} {'dq err':>8}")  # fmt: skip
