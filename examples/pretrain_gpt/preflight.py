@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from checkpoint import CheckpointError, check_checkpoint
 from corpus import ByteTokenizer, default_documents
 from data import tokenizer_for
 from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
@@ -286,6 +287,11 @@ def _check_schedule(args: argparse.Namespace) -> None:
         raise ConfigError(
             "--save needs psutil for megatron-core's checkpoint writer: pip install psutil"
         )
+    if args.load is not None:
+        try:
+            check_checkpoint(args.load)
+        except CheckpointError as error:
+            raise ConfigError(str(error)) from None
     # megatron-core's distributed optimizer checkpoints Adam's state only (main weights,
     # exp_avg, exp_avg_sq): SGD's momentum would be lost without a word.
     checkpointing = args.save is not None or args.load is not None
