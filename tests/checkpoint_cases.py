@@ -9,8 +9,11 @@ The test compares what comes back.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
+
+import torch.distributed as dist
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "pretrain_gpt"
 SAVED_UNDER = ["--usp-ulysses-degree", "2", "--usp-ring-degree", "2"]
@@ -89,4 +92,28 @@ def resume_across_layouts(directory: str) -> dict:
     out["refused"]["sgd state"] = _refusal(
         parse_args, train, [*common, *SGD, "--use-distributed-optimizer", "--save", directory]
     )
+    for broken in CORRUPTIONS:
+        copy = f"{directory}/broken-{broken}"
+        if dist.get_rank() == 0:
+            shutil.copytree(f"{directory}/sgd", copy)
+            _corrupt(Path(copy), broken)
+        dist.barrier()
+        out["refused"][broken] = _refusal(
+            parse_args, train, [*common, *SGD, *LAYOUTS["U4R1"], *resume, copy]
+        )
     return out
+
+
+CORRUPTIONS = ("truncated shard", "bad metadata", "bad latest")
+
+
+def _corrupt(directory: Path, how: str) -> None:
+    """Break a copy of a saved checkpoint as a crash or a full disk would."""
+    checkpoint = directory / f"iter_{SAVED_AT:07d}"
+    if how == "truncated shard":
+        shard = max(checkpoint.glob("*.distcp"), key=lambda file: file.stat().st_size)
+        shard.write_bytes(shard.read_bytes()[:100])
+    elif how == "bad metadata":
+        (checkpoint / "metadata.json").write_text('{"sharded_backend": "torch_d')
+    else:
+        (directory / "latest").write_text("")

@@ -37,14 +37,14 @@ def _rank_heads(runs: list[HeadRun], rank: int) -> slice:
     return slice(start, start + per_rank[rank])
 
 
-def all_to_all_round_trip(
-    dtype_name: str, head_dim: int, point_to_point: bool = False
-) -> list[str]:
+def all_to_all_round_trip(dtype_name: str, head_dim: int, gloo_path: str) -> list[str]:
     """For every factorisation, impl and head split: two tensors go sequence -> heads and
     must equal the ring block's rows of this rank's heads; then heads -> sequence (packed,
     and one sequence-major tensor sent as it is) must give the shards back.
-    ``point_to_point``: gloo's pieces travel as sends and receives (torch before 2.13)."""
-    if point_to_point:  # otherwise what this torch's gloo has
+    ``gloo_path``: "point_to_point" (what gloo uses), "collectives" (what NCCL uses:
+    single-tensor and list all-to-alls) or "collectives without list" (torch before 2.13)."""
+    all_to_all.GLOO_COLLECTIVES = gloo_path != "point_to_point"
+    if gloo_path == "collectives without list":
         all_to_all.GLOO_HAS_LIST_ALL_TO_ALL = False
     world, dtype = dist.get_world_size(), getattr(torch, dtype_name)
     problems = []
@@ -84,4 +84,6 @@ def all_to_all_round_trip(
             ):
                 if not torch.equal(back, want):
                     problems.append(f"{case}: heads -> sequence ({name}) differs")
+    if all_to_all.GLOO_COLLECTIVES:
+        dist.barrier()  # gloo's worker threads let go of the last collective before exit
     return problems

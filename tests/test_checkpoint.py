@@ -5,8 +5,10 @@ stopped. One world runs every case (float32, tiny model)."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
-from checkpoint_cases import RESUMED, SAVED_AT, resume_across_layouts
+from checkpoint_cases import RESUMED, SAVED_AT, TRAIN_ITERS, resume_across_layouts
 
 from usp_megatron.testing import run_distributed
 
@@ -50,3 +52,33 @@ def test_resume_refuses_another_model_or_optimizer(results):
     assert "--hidden-size 64" in refused["model"] and "this run has 32" in refused["model"]
     assert "--use-distributed-optimizer True" in refused["optimizer"]
     assert "Adam's state only" in refused["sgd state"]
+
+
+@pytest.mark.parametrize(
+    "broken, names",
+    [
+        ("truncated shard", ".distcp is truncated: 100 bytes, the checkpoint's metadata needs"),
+        ("bad metadata", f"iter_{SAVED_AT:07d}/metadata.json is not valid JSON"),
+        ("bad latest", "broken-bad latest/latest is broken: it holds ''"),
+    ],
+)
+def test_broken_checkpoint_is_one_message_naming_the_file(results, broken, names):
+    message = results["refused"][broken]
+    assert names in message and "\n" not in message, message
+    assert "drop --load to start from scratch" in message, message
+
+
+def test_missing_load_directory_is_refused_before_building(tmp_path):
+    from preflight_cases import EXAMPLE
+
+    sys.path.insert(0, str(EXAMPLE))
+    from arguments import parse_args
+    from preflight import ConfigError, check_configuration
+
+    missing = str(tmp_path / "no-such-run")
+    with pytest.raises(ConfigError) as refused:
+        check_configuration(parse_args(["--load", missing]), 1)
+    assert str(refused.value).startswith(f"--load {missing}: no such directory; to start from "
+                                         "scratch, drop --load")  # fmt: skip
+    # An existing directory without a checkpoint yet starts from scratch, as in Megatron-LM.
+    check_configuration(parse_args(["--load", str(tmp_path), "--train-iters", str(TRAIN_ITERS)]), 1)

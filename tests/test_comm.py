@@ -10,13 +10,18 @@ from usp_megatron.testing import run_distributed
 
 
 @pytest.mark.parametrize(
-    "dtype_name,head_dim,point_to_point",
-    [("bfloat16", 8, False), ("float32", 3, False), ("bfloat16", 8, True)],
+    "dtype_name,head_dim,gloo_path",
+    [
+        ("bfloat16", 8, "point_to_point"),
+        ("float32", 3, "point_to_point"),
+        ("bfloat16", 8, "collectives"),
+        ("bfloat16", 8, "collectives without list"),
+    ],
 )
-def test_all_to_all_round_trip(dtype_name, head_dim, point_to_point):
+def test_all_to_all_round_trip(dtype_name, head_dim, gloo_path):
     """bf16 with d=8 moves 8-byte words; float32 with d=3 (12 bytes) cannot and falls back;
-    the point-to-point path is what gloo uses before torch 2.13."""
-    problems = run_distributed(4, all_to_all_round_trip, dtype_name, head_dim, point_to_point)
+    gloo's all-to-alls are sends and receives, NCCL's the collectives run here on gloo."""
+    problems = run_distributed(4, all_to_all_round_trip, dtype_name, head_dim, gloo_path)
     assert problems == [[] for _ in range(4)], problems
 
 

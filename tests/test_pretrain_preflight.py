@@ -22,6 +22,7 @@ from preflight import ConfigError, check_configuration  # noqa: E402
 from report import Reporter, banner, gpt_flops_per_iteration  # noqa: E402
 
 U2R2 = ["--usp-ulysses-degree", "2", "--usp-ring-degree", "2"]
+PACKED = ["--pack-documents", *U2R2]
 
 # (flags, world size, what the one message must say)
 REFUSED = [
@@ -40,7 +41,14 @@ REFUSED = [
     ([*U2R2, "--attention-dropout", "0.1"], 4, "attention_dropout (--attention-dropout) to 0.0"),
     (["--megatron-attention", *U2R2], 4, "--megatron-attention runs Megatron's"),
     (["--save", "ckpt", "--use-distributed-optimizer", "--optimizer", "sgd"], 1, "Adam's state"),
-]
+    # Packed documents: refused by the attention in the first forward until preflight did.
+    ([*PACKED, "--usp-ring-impl", "stripe"], 4, "--pack-documents needs --usp-ring-impl zigzag"),
+    ([*PACKED, "--window-size", "16", "0"], 4, "--window-size 16 0 with --pack-documents"),
+    (["--pack-documents", "--usp-ulysses-degree", "3", "--seq-length", "120"], 3,
+     "8 query heads of a tensor-parallel rank to split evenly over --usp-ulysses-degree 3"),
+    ([*PACKED, "--pack-pad-multiple", "4"], 4, "--pack-pad-multiple 4: the context-parallel"),
+    ([*PACKED, "--pack-pad-multiple", "12"], 4, "use --pack-pad-multiple 16, or leave it out"),
+]  # fmt: skip
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU refusals (CUDA present here)")
@@ -50,6 +58,16 @@ def test_bad_configuration_is_one_clear_message(flags, world_size, message):
         check_configuration(parse_args(flags), world_size)
     text = str(refused.value)
     assert message in text and "\n" not in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU configurations (CUDA present here)")
+def test_packed_documents_that_train_pass_preflight():
+    for flags, world_size in [
+        (PACKED, 4),
+        ([*PACKED, "--pack-pad-multiple", "16"], 4),
+        (["--pack-documents", "--usp-ulysses-degree", "4", "--window-size", "-1", "-1"], 4),
+    ]:
+        check_configuration(parse_args(flags), world_size)
 
 
 def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path):
@@ -165,12 +183,14 @@ def test_train_refuses_in_a_gloo_world_before_building(tmp_path):
         [*data, "--num-query-groups", "3"],
         [*data, "--context-parallel-size", "2"],
         [*data, "--usp-ulysses-degree", "2", "--usp-attn-backend", "torch_cudnn"],
+        [*data, "--usp-ring-degree", "2", "--pack-documents", "--pack-pad-multiple", "2"],
     ]
     per_rank = run_distributed(2, refusals_in_train, argvs, timeout_s=300)
     assert per_rank[0] == per_rank[1]
     assert "--num-query-groups 3 must divide" in per_rank[0][0]
     assert "this driver's context parallelism is USP" in per_rank[0][1]
     assert "torch_cudnn cannot run on cpu" in per_rank[0][2]
+    assert "--pack-pad-multiple 2: the context-parallel split" in per_rank[0][3]
 
 
 def _run(cmd: list[str], cwd, timeout: int = 300) -> subprocess.CompletedProcess:

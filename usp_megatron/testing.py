@@ -4,7 +4,8 @@ Used by the tests, the CPU demo and the GPU checks: every rank runs ``fn(*args)`
 after ``init_process_group``; the caller gets each rank's return value, or the first
 failure re-raised with its rank and traceback. A rank that fails tears the others down
 (they would otherwise wait forever on a collective), and a world that runs past
-``timeout_s`` is killed, so nothing hangs.
+``timeout_s`` is killed, so nothing hangs. A rank that returns but then exits with a
+nonzero code (an abort at teardown) fails the run too.
 """
 
 from __future__ import annotations
@@ -106,4 +107,12 @@ def run_distributed(
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
+    # A rank that returned can still die on its way out (an abort while the process group
+    # is destroyed or the interpreter exits): that is a failure too.
+    unclean = {rank: p.exitcode for rank, p in enumerate(procs) if p.exitcode != 0}
+    if unclean:
+        raise RankError(
+            f"{fn.__name__} returned on every rank, but ranks exited uncleanly (rank: exit "
+            f"code) {unclean}"
+        )
     return [values[r] for r in range(world_size)]

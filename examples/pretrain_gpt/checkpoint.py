@@ -7,11 +7,19 @@ tensor-parallel shards are cut anew on load, and the distributed optimizer's sta
 in megatron-core's fully reshardable form. The model, the optimizer and the sample order
 must stay (``_RUN_KEYS``, checked before any tensor is read); the random streams resume
 exactly under the same layout only.
+
+``--load`` follows Megatron-LM: a directory without ``latest`` starts from scratch (the
+first run of a ``--save`` and ``--load`` pair); a directory that does not exist is refused
+(a mistyped path would silently train from scratch). A checkpoint whose files are broken
+is refused in one message that names the file (:func:`check_checkpoint`, run before
+anything is built, and again around the load for what only reading finds).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -21,6 +29,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.utils import unwrap_model
+from torch.distributed.checkpoint import FileSystemReader
 
 # The layout of a run: free to change on resume, but random streams follow it (see _rng).
 _LAYOUT_KEYS = (
@@ -47,6 +56,86 @@ _RUN_KEYS = (
     "use_distributed_optimizer",
     "global_batch_size",
 )
+
+
+class CheckpointError(ValueError):
+    """A ``--load`` the driver refuses; the message names the file and what to do."""
+
+
+def _latest_iteration(directory: str) -> int | None:
+    """The iteration ``<directory>/latest`` names; None when there is no ``latest``."""
+    if not Path(directory).is_dir():
+        raise CheckpointError(
+            f"--load {directory}: no such directory; to start from scratch, drop --load (a "
+            "directory without a checkpoint yet is fine: training then starts from scratch)"
+        )
+    latest = Path(directory) / "latest"
+    if not latest.exists():
+        return None
+    text = latest.read_text(errors="replace").strip()
+    if not text.isdigit():
+        raise CheckpointError(
+            f"checkpoint tracker {latest} is broken: it holds {text[:40]!r}, not an iteration "
+            f"number; write the iteration of a complete iter_* directory of {directory} into "
+            "it, or drop --load to start from scratch"
+        )
+    return int(text)
+
+
+def _broken_file(path: Path) -> str | None:
+    """What is wrong with the files of checkpoint ``path``, naming the file; None if their
+    metadata reads and every shard file holds the bytes the metadata places in it."""
+    megatron_metadata = path / "metadata.json"
+    if not megatron_metadata.is_file():
+        return (
+            f"{megatron_metadata} is missing: {path} holds no distributed checkpoint (the "
+            "per-rank files of this driver's earlier versions are not read)"
+        )
+    try:
+        json.loads(megatron_metadata.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"{megatron_metadata} is not valid JSON ({error})"
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as error:
+        return f"{path / '.metadata'} is unreadable ({type(error).__name__}: {error})"
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, end in sorted(needed.items()):
+        shard = path / name
+        if not shard.is_file():
+            return f"{shard} is missing"
+        size = shard.stat().st_size
+        if size < end:
+            return f"{shard} is truncated: {size} bytes, the checkpoint's metadata needs {end}"
+    return None
+
+
+def _refuse_broken(directory: str, path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path} is broken: {problem}. Resume from another checkpoint (write its "
+        f"iteration into {Path(directory) / 'latest'}), or drop --load to start from scratch"
+    )
+
+
+def check_checkpoint(directory: str) -> None:
+    """Refuse with :class:`CheckpointError` a ``--load`` that cannot be resumed from: a
+    missing directory, a broken ``latest``, a checkpoint with broken files."""
+    iteration = _latest_iteration(directory)
+    if iteration is None:
+        return
+    path = _iteration_dir(directory, iteration)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"checkpoint tracker {Path(directory) / 'latest'} names iteration {iteration}, but "
+            f"{path} does not exist; write the iteration of a complete iter_* directory into "
+            "it, or drop --load to start from scratch"
+        )
+    problem = _broken_file(path)
+    if problem is not None:
+        raise _refuse_broken(directory, path, problem)
 
 
 def _layout(args: argparse.Namespace) -> dict:
@@ -187,11 +276,17 @@ def _check_same_run(args: argparse.Namespace, path: Path, saved: dict) -> None:
     for key, value in _run(args).items():
         if saved.get(key) != value:
             flag = "--" + key.replace("_", "-")
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint {path} was saved with {flag} {saved.get(key)}, this run has "
                 f"{value}: resume with {flag} {saved.get(key)} (what may change is the "
                 f"parallel layout: TP, --usp-* degrees and impl, data-parallel and world size)"
             )
+
+
+def _first_line(error: BaseException, where: Path) -> str:
+    """A failed read as one line: where, the exception's type and its first line."""
+    first = next((line for line in str(error).splitlines() if line.strip()), "")
+    return f"reading {where} failed with {type(error).__name__}: {first[:300]}"
 
 
 def load_checkpoint(args: argparse.Namespace, model, optimizer, scheduler) -> int:
@@ -199,20 +294,17 @@ def load_checkpoint(args: argparse.Namespace, model, optimizer, scheduler) -> in
 
     Returns its iteration (0 if there is none).
     """
-    latest = Path(args.load) / "latest"
-    if not latest.exists():
+    iteration = _latest_iteration(args.load)
+    if iteration is None:
         if dist.get_rank() == 0:
             print(f"no checkpoint in {args.load}: starting from scratch", flush=True)
         return 0
-    iteration = int(latest.read_text())
+    check_checkpoint(args.load)
     path = _iteration_dir(args.load, iteration)
-    if not dist_checkpointing.check_is_distributed_checkpoint(str(path)):
-        raise ValueError(
-            f"{path} holds no distributed checkpoint (no metadata.json; the per-rank files of "
-            f"this driver's earlier versions are not read): load a checkpoint saved by this "
-            f"version, or start without --load"
-        )
-    common = dist_checkpointing.load_common_state_dict(str(path))
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(path))
+    except Exception as error:  # noqa: BLE001 - any unreadable file: one message, not 150 lines
+        raise _refuse_broken(args.load, path, _first_line(error, path / "common.pt")) from None
     _check_same_run(args, path, common["run"])
     metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common)
     _prepare_for_load(optimizer)
@@ -220,7 +312,11 @@ def load_checkpoint(args: argparse.Namespace, model, optimizer, scheduler) -> in
     same_layout = common["layout"] == _layout(args)
     if same_layout:
         state["rng_state"] = _rng(args)
-    state = dist_checkpointing.load(state, str(path))
+    try:
+        state = dist_checkpointing.load(state, str(path))
+    except Exception as error:  # noqa: BLE001 - e.g. a shard whose bytes are corrupt
+        problem = _broken_file(path) or _first_line(error, path)
+        raise _refuse_broken(args.load, path, problem) from None
     unwrap_model(model).load_state_dict(state["model"])
     _load_optimizer(optimizer, state["optimizer"])
     scheduler.load_state_dict(common["scheduler"])

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from checkpoint import CheckpointError, check_checkpoint
 from corpus import ByteTokenizer, default_documents
 from data import tokenizer_for
 from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
 
 from usp_megatron.kernels import available_backends, get_kernel
 from usp_megatron.kernels.flash_attn import flash_attn_importable
-from usp_megatron.layout import get_layout
+from usp_megatron.layout import check_window, get_layout
 from usp_megatron.megatron import apply_usp_args, validate_usp_args
 from usp_megatron.megatron.arguments import usp_enabled
 from usp_megatron.megatron.validation import check_heads
@@ -83,6 +84,7 @@ def check_configuration(
     args.data_parallel_size = _check_world(args, world_size)
     _check_heads(args)
     _check_seq_length(args)
+    _check_packed_documents(args)
     try:
         validate_usp_args(args)
     except ValueError as error:
@@ -230,6 +232,46 @@ def _check_seq_length(args: argparse.Namespace) -> None:
         raise ConfigError(f"--seq-length: {error}; e.g. --seq-length {below} or {above}") from None
 
 
+def _check_packed_documents(args: argparse.Namespace) -> None:
+    """What USP attention refuses for packed documents (THD), which would otherwise come
+    from the first forward, after the model is built, once per rank."""
+    if not args.pack_documents:
+        return
+    cp = args.context_parallel_size
+    if args.usp_ring_impl != "zigzag":
+        raise ConfigError(
+            f"--pack-documents needs --usp-ring-impl zigzag, got {args.usp_ring_impl}: the "
+            "context-parallel split of packed documents is the zigzag of every document; "
+            "drop --usp-ring-impl or --pack-documents"
+        )
+    try:
+        window = check_window(None if args.window_size is None else tuple(args.window_size))
+    except ValueError:
+        window = None  # a malformed window is refused with its own message later
+    if window is not None:
+        raise ConfigError(
+            f"--window-size {' '.join(map(str, args.window_size))} with --pack-documents is not "
+            "supported: packed documents attend over their whole document; drop one of them"
+        )
+    u = args.usp_ulysses_degree if usp_enabled(args) else 1
+    heads = args.num_attention_heads // args.tensor_model_parallel_size
+    if heads % u:
+        divisors = [d for d in range(1, heads + 1) if heads % d == 0 and cp % d == 0]
+        raise ConfigError(
+            f"--pack-documents needs the {heads} query heads of a tensor-parallel rank to split "
+            f"evenly over --usp-ulysses-degree {u} (packed documents take no uneven head "
+            f"split): use a ulysses degree among {divisors}, or drop --pack-documents"
+        )
+    multiple = args.pack_pad_multiple
+    if multiple is not None and (multiple < 1 or multiple % (2 * cp)):
+        raise ConfigError(
+            f"--pack-pad-multiple {multiple}: the context-parallel split cuts every packed "
+            f"document into 2 x context-parallel size = {2 * cp} equal chunks, so the padding "
+            f"multiple must be a positive multiple of {2 * cp}: use --pack-pad-multiple "
+            f"{2 * cp * max(1, -(-multiple // (2 * cp)))}, or leave it out (default {2 * cp})"
+        )
+
+
 def _check_schedule(args: argparse.Namespace) -> None:
     if args.train_iters < 1:
         raise ConfigError(f"--train-iters must be at least 1, got {args.train_iters}")
@@ -245,6 +287,11 @@ def _check_schedule(args: argparse.Namespace) -> None:
         raise ConfigError(
             "--save needs psutil for megatron-core's checkpoint writer: pip install psutil"
         )
+    if args.load is not None:
+        try:
+            check_checkpoint(args.load)
+        except CheckpointError as error:
+            raise ConfigError(str(error)) from None
     # megatron-core's distributed optimizer checkpoints Adam's state only (main weights,
     # exp_avg, exp_avg_sq): SGD's momentum would be lost without a word.
     checkpointing = args.save is not None or args.load is not None

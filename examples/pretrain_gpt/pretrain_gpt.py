@@ -29,6 +29,7 @@ if os.environ.get("RANK", "0") != "0":
     warnings.filterwarnings("ignore")
 
 from arguments import parse_args  # noqa: E402
+from checkpoint import CheckpointError  # noqa: E402
 from preflight import ConfigError, check_configuration  # noqa: E402
 from report import banner, summary  # noqa: E402
 from training import train, use_cuda  # noqa: E402
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(banner(args, plan), flush=True)
         history = _run(args)
-    except ConfigError as error:
+    except (ConfigError, CheckpointError) as error:  # the latter: found only while loading
         exit_refused(f"{Path(sys.argv[0]).name}: {error}")
     if rank == 0 and history:
         print(summary(args, plan, history, time.perf_counter() - STARTED), flush=True)

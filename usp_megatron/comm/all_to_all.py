@@ -28,9 +28,17 @@ from usp_megatron.heads import HeadRun
 from usp_megatron.layout import DenseLayout
 from usp_megatron.tensors import copy_words_
 
+#: gloo runs collectives on a worker thread, which lets go of a finished collective's
+#: tensors after its handle completed, at times after the interpreter began to exit: a
+#: forward-only script whose last step was an all-to-all then aborted at exit
+#: (``terminate called without an active exception``). Sends and receives run in the
+#: calling thread and are released there, so on gloo (CPU processes: tests, demos) every
+#: all-to-all travels as those. Tests set this to run the collective forms on gloo.
+GLOO_COLLECTIVES = False
 #: gloo has the list form of ``all_to_all`` from torch 2.13 on, for pieces of equal size
 #: only; other pieces that are not consecutive in one buffer travel by point-to-point.
-GLOO_HAS_LIST_ALL_TO_ALL = torch.__version__ >= "2.13"
+#: (Compared as numbers: as strings, "2.9" would pass.)
+GLOO_HAS_LIST_ALL_TO_ALL = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 13)
 
 
 def split_heads(
@@ -96,7 +104,7 @@ def _consecutive(parts: list[torch.Tensor]) -> torch.Tensor | None:
     return parts[0].as_strided((numel,), (1,))
 
 
-def _point_to_point(
+def point_to_point(
     outputs: list[torch.Tensor], inputs: list[torch.Tensor], group: ProcessGroup
 ) -> list:
     """The list-form all-to-all as sends and receives (own piece copied locally)."""
@@ -116,7 +124,11 @@ def _exchange_piece(
 ) -> list:
     """One all-to-all of contiguous pieces (``inputs[j]`` to rank ``j``, ``outputs[j]`` from
     it): a single-tensor call where both sides are consecutive in one buffer (fewer host
-    calls; with split sizes where the pieces differ), else the list form."""
+    calls; with split sizes where the pieces differ), else the list form; on gloo, sends
+    and receives (``GLOO_COLLECTIVES``)."""
+    gloo = dist.get_backend(group) == "gloo"
+    if gloo and not GLOO_COLLECTIVES:
+        return point_to_point(outputs, inputs, group)
     out, inp = _consecutive(outputs), _consecutive(inputs)
     out_sizes, in_sizes = [p.numel() for p in outputs], [p.numel() for p in inputs]
     equal = out_sizes.count(out_sizes[0]) == len(out_sizes) and (
@@ -125,8 +137,8 @@ def _exchange_piece(
     if out is not None and inp is not None:
         splits = (None, None) if equal else (out_sizes, in_sizes)
         return [dist.all_to_all_single(out, inp, *splits, group=group, async_op=True)]
-    if dist.get_backend(group) == "gloo" and not (equal and GLOO_HAS_LIST_ALL_TO_ALL):
-        return _point_to_point(outputs, inputs, group)
+    if gloo and not (equal and GLOO_HAS_LIST_ALL_TO_ALL):
+        return point_to_point(outputs, inputs, group)
     return [dist.all_to_all(outputs, inputs, group=group, async_op=True)]
 
 
