@@ -25,9 +25,10 @@ from corpus import ByteTokenizer, default_documents
 from data import tokenizer_for
 from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
 
+from usp_megatron.checks import check_window
 from usp_megatron.kernels import available_backends, get_kernel
 from usp_megatron.kernels.flash_attn import flash_attn_importable
-from usp_megatron.layout import check_window, get_layout
+from usp_megatron.layout import get_layout
 from usp_megatron.megatron import apply_usp_args, validate_usp_args
 from usp_megatron.megatron.arguments import usp_enabled
 from usp_megatron.megatron.validation import check_heads
