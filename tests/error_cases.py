@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from usp_megatron import LongContextAttention, init_usp_groups
+from usp_megatron.layout import get_layout
 
 
 def _raises(fn) -> str:
@@ -40,6 +41,15 @@ def try_bad_inputs() -> dict[str, str]:
     messages["shape mismatch"] = _raises(lambda: attn(x, x[:, :2], x[:, :2]))
     messages["not 4-D"] = _raises(lambda: attn(x[0], x[0], x[0]))
     messages["unknown impl"] = _raises(lambda: LongContextAttention(groups, ring_impl="spiral"))
+    messages["layout vs ring_impl"] = _raises(
+        lambda: LongContextAttention(groups, "stripe", ring_impl="basic")
+    )
+    messages["layout of other degrees"] = _raises(
+        lambda: LongContextAttention(groups, get_layout("zigzag", 4, 1))
+    )
+    messages["stripe shard, zigzag attention"] = _raises(
+        lambda: attn(x, x, x, layout=get_layout("stripe", 2, 2))
+    )
     messages["unknown backend"] = _raises(lambda: LongContextAttention(groups, backend="xformers"))
     messages["head chunks"] = _raises(lambda: LongContextAttention(groups, head_chunks=3)(x, x, x))
     messages["zero head chunks"] = _raises(lambda: LongContextAttention(groups, head_chunks=0))

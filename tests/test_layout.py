@@ -145,3 +145,21 @@ def test_window_errors(bad):
 
     with pytest.raises(ValueError, match="window_size must be"):
         check_window(bad)
+
+
+def test_shard_and_gather_need_the_layout():
+    """A shard cut with a default layout while the module attends with another was silently
+    wrong (a stripe module fed zigzag shards: 2.55 off); the layout is now required, and an
+    object for other degrees is refused."""
+    from usp_megatron import USPGroups, gather_sequence, shard_sequence
+
+    groups = USPGroups(None, None, 2, 2, 1, 0)
+    x = torch.arange(16.0)[None]
+    with pytest.raises(TypeError, match="layout"):
+        shard_sequence(x, 1, groups)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="layout"):
+        gather_sequence(x, 1, groups)  # type: ignore[call-arg]
+    stripe = get_layout("stripe", 2, 2)
+    assert torch.equal(shard_sequence(x, 1, groups, stripe)[0], stripe.positions(16, 1, 0).float())
+    with pytest.raises(ValueError, match="is for ulysses degree 4 x ring degree 1"):
+        shard_sequence(x, 1, groups, get_layout("stripe", 4, 1))

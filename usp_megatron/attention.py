@@ -28,7 +28,6 @@ from usp_megatron.layout import (
     LayoutArg,
     PackedZigzagLayout,
     SequenceLayout,
-    get_layout,
     packed_layout,
     resolve_layout,
 )
@@ -145,21 +144,37 @@ class LongContextAttention(nn.Module):
     def __init__(
         self,
         groups: USPGroups,
-        ring_impl: str = "zigzag",
+        layout: LayoutArg = "zigzag",
         backend: str = "auto",
         head_chunks: int = 1,
+        *,
+        ring_impl: str | None = None,
     ) -> None:
-        """``ring_impl``: the layout's name (``zigzag``, ``stripe``, ``basic``).
-        ``head_chunks``: how many pieces the heads go through the all-to-all in, so that
-        one chunk's all-to-all overlaps another's compute. 1 (no overlap) is the default;
-        slower links may want 2 (docs/benchmarks.md has the measurements)."""
+        """``layout``: the sequence layout, by name (``zigzag``, ``stripe``, ``basic``) or as
+        an object for these groups' degrees; ``ring_impl=`` is the same argument under its
+        older name. ``head_chunks``: how many pieces the heads go through the all-to-all in,
+        so that one chunk's all-to-all overlaps another's compute. 1 (no overlap) is the
+        default; slower links may want 2 (docs/benchmarks.md has the measurements)."""
         super().__init__()
+        if ring_impl is not None:
+            if layout not in ("zigzag", ring_impl):
+                raise ValueError(
+                    f"layout={layout!r} and ring_impl={ring_impl!r} disagree: pass one of them"
+                )
+            layout = ring_impl
         check_backend(backend)
         check_positive_int("head_chunks", head_chunks, "no overlap")
-        self.layout: SequenceLayout = get_layout(
-            ring_impl, groups.ulysses_degree, groups.ring_degree
+        self.layout: SequenceLayout = resolve_layout(
+            layout, groups.ulysses_degree, groups.ring_degree
         )
-        self.groups, self.ring_impl, self.backend = groups, ring_impl, backend
+        if self.layout.masks_documents:
+            raise ValueError(
+                f"{self.layout!r} is one batch's packed documents: build the module with its "
+                "ring layout ('zigzag') and pass packed layouts to forward(layout=...)"
+            )
+        #: The layout's name, as the flags and specs spell it.
+        self.ring_impl = self.layout.name
+        self.groups, self.backend = groups, backend
         self.head_chunks = head_chunks
         self._kernels: dict[tuple[torch.device, torch.dtype, bool, bool], AttentionKernel] = {}
 
