@@ -15,6 +15,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -171,7 +172,9 @@ def counting_host_syncs(enabled: bool) -> Iterator[list[str]]:
             yield sites
         finally:
             torch.cuda.set_sync_debug_mode("default")
-            sites += [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+            for w in caught:
+                if "synchroniz" in str(w.message):
+                    sites.append(f"{'/'.join(Path(w.filename).parts[-3:])}:{w.lineno}")
 
 
 def train(args: argparse.Namespace) -> list[dict]:
