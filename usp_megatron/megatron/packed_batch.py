@@ -6,7 +6,10 @@ attaches a :class:`PackedBatch` to it: the packed layout (document boundaries re
 host once per batch, block tasks and the all-to-all index computed once) and the rotary
 row of each local token (on the device). Layers then read both without a host
 synchronisation. A boundaries tensor that arrives without one (a caller's own
-``PackedSeqParams``) gets one at its first layer, and the rest reuse it.
+``PackedSeqParams``) gets one at its first layer, and the rest reuse it. (The attachment
+lives as long as the tensor: a boundaries tensor refilled in place with another batch's
+documents would keep the old layout. Megatron's loaders, and the example's, make new
+tensors for every batch.)
 """
 
 from __future__ import annotations
