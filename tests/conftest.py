@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# The shared helpers (helpers/) and the modules run in worker processes (workers/) import
+# as packages from here; spawned workers inherit this sys.path, so they import them too.
 sys.path.insert(0, str(Path(__file__).parent))
-# attnbench.configs (standard library only): the U x R parser the benchmarks use too.
-sys.path.insert(1, str(Path(__file__).parents[1] / "benchmarks"))
 
 
 def pytest_configure(config):

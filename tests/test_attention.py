@@ -10,26 +10,18 @@ import math
 
 import pytest
 import torch
-from usp_cases import factorizations, run_all_cases, run_window_cases
+from helpers.worlds import factorizations, failed_cases
+from workers.usp_cases import run_all_cases, run_window_cases
 
 from usp_megatron.heads import HeadRun, head_split
 from usp_megatron.testing import run_distributed
-
-
-def _failures(per_rank, tol):
-    return [
-        f"rank {rank}: {case}: {errors}"
-        for rank, results in enumerate(per_rank)
-        for case, errors in results
-        if not max(errors.values()) <= tol
-    ]
 
 
 @pytest.mark.parametrize("world_size", [2, 4, 8])
 def test_usp_matches_single_rank_float32(world_size):
     per_rank = run_distributed(world_size, run_all_cases, "cpu", "float32", "reference")
     assert len(per_rank[0]) >= 3 * 2 * 3, "too few cases ran"
-    failures = _failures(per_rank, 1e-5)
+    failures = failed_cases(per_rank, 1e-5)
     assert not failures, "\n".join(failures[:20])
 
 
@@ -43,7 +35,7 @@ def test_usp_matches_single_rank_bf16_nccl(world_size, backend):
         world_size, run_all_cases, "cuda", "bfloat16", backend, 128, 64, backend="nccl"
     )
     assert len(per_rank[0]) >= 3 * 2 * 3 * len(factorizations(world_size)), "too few cases"
-    failures = _failures(per_rank, 1e-2)
+    failures = failed_cases(per_rank, 1e-2)
     assert not failures, "\n".join(failures[:20])
 
 
@@ -51,7 +43,7 @@ def test_usp_matches_single_rank_bf16_nccl(world_size, backend):
 def test_sliding_window_matches_single_rank_float32(world_size):
     per_rank = run_distributed(world_size, run_window_cases, "cpu", "float32", "reference")
     assert len(per_rank[0]) >= 3 * 2 * 3, "too few cases ran"
-    failures = _failures(per_rank, 1e-5)
+    failures = failed_cases(per_rank, 1e-5)
     assert not failures, "\n".join(failures[:20])
 
 
@@ -64,7 +56,7 @@ def test_sliding_window_bf16_nccl(world_size, backend):
     per_rank = run_distributed(
         world_size, run_window_cases, "cuda", "bfloat16", backend, 128, 64, backend="nccl"
     )
-    failures = _failures(per_rank, 1e-2)
+    failures = failed_cases(per_rank, 1e-2)
     assert not failures, "\n".join(failures[:20])
 
 

@@ -5,10 +5,9 @@ stopped. One world runs every case (float32, tiny model)."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
-from checkpoint_cases import RESUMED, SAVED_AT, TRAIN_ITERS, resume_across_layouts
+from helpers.example import example_on_path
+from workers.checkpoint_cases import RESUMED, SAVED_AT, TRAIN_ITERS, resume_across_layouts
 
 from usp_megatron.testing import run_distributed
 
@@ -69,9 +68,7 @@ def test_broken_checkpoint_is_one_message_naming_the_file(results, broken, names
 
 
 def test_missing_load_directory_is_refused_before_building(tmp_path):
-    from preflight_cases import EXAMPLE
-
-    sys.path.insert(0, str(EXAMPLE))
+    example_on_path()
     from arguments import parse_args
     from preflight import ConfigError, check_configuration
 

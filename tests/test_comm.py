@@ -3,7 +3,7 @@ arithmetic, so equality)."""
 
 import pytest
 import torch
-from comm_cases import all_to_all_round_trip
+from workers.comm_cases import all_to_all_round_trip
 
 from usp_megatron.tensors import _as_words, copy_words_
 from usp_megatron.testing import run_distributed

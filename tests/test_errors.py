@@ -3,7 +3,7 @@
 import re
 
 import pytest
-from error_cases import try_bad_inputs
+from workers.error_cases import try_bad_inputs
 
 from usp_megatron.testing import run_distributed
 

@@ -21,7 +21,7 @@ def test_forward_only_script_exits_cleanly(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env["PYTHONPATH"] = os.pathsep.join([env.get("PYTHONPATH", ""), str(TESTS.parent)])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc-per-node", "4", str(TESTS / "exit_cases.py")]  # fmt: skip
+                "--nproc-per-node", "4", str(TESTS / "workers" / "exit_cases.py")]  # fmt: skip
     for run in range(4):
         done = subprocess.run(
             torchrun, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300

@@ -1,7 +1,7 @@
 """USP process groups (u = c % U, r = c // U) and the shard/gather round trip."""
 
 import pytest
-from group_cases import groups_of_subgroups, shard_gather_round_trip
+from workers.group_cases import groups_of_subgroups, shard_gather_round_trip
 
 from usp_megatron.testing import run_distributed
 

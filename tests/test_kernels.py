@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from oracle import attention_float64, rel_error
+from helpers.oracle import attention_float64, rel_error
 
 from usp_megatron.kernels import BACKENDS, available_backends, get_kernel
 from usp_megatron.mask import CAUSAL, FULL, BlockMask

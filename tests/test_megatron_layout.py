@@ -1,11 +1,11 @@
 """Batch split, RoPE slice, USPAttention's construction checks and the Megatron-LM hooks on
 real Megatron groups: one world of 4 CPU processes (gloo) runs every check of
-megatron_layout_cases.py."""
+workers/megatron_layout_cases.py."""
 
 from __future__ import annotations
 
 import pytest
-from megatron_layout_cases import LAYOUTS, WORLD, run_layout_checks
+from workers.megatron_layout_cases import LAYOUTS, WORLD, run_layout_checks
 
 from usp_megatron.testing import run_distributed
 

@@ -1,10 +1,10 @@
 """USP core attention inside megatron-core's GPTModel vs a one-rank GPTModel (CPU, gloo):
-one world of 4 processes runs every case of megatron_model_cases.py."""
+one world of 4 processes runs every case of workers/megatron_model_cases.py."""
 
 from __future__ import annotations
 
 import pytest
-from megatron_model_cases import TOL, WORLD, _cases, label, run_model_cases
+from workers.megatron_model_cases import TOL, WORLD, _cases, label, run_model_cases
 
 from usp_megatron.testing import run_distributed
 

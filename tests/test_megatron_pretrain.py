@@ -4,17 +4,15 @@ parallelism (the README's command), and resuming from a checkpoint."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-EXAMPLE = Path(__file__).parents[1] / "examples" / "pretrain_gpt"
+from helpers.example import EXAMPLE, run_quiet
 
 
 def _run(cmd: list[str], cwd: Path, timeout: int = 400) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    done = run_quiet(cmd, cwd, timeout)
     assert done.returncode == 0, f"{cmd} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
     return done
 

@@ -1,7 +1,7 @@
 """The log-sum-exp merge."""
 
 import torch
-from oracle import rel_error
+from helpers.oracle import rel_error
 
 from usp_megatron.ring.merge import merge_by_lse
 

@@ -3,7 +3,9 @@ document-causal attention (outputs and gradients of real tokens; exact zeros at 
 
 import pytest
 import torch
-from packed_cases import cumulative, padded_lengths, run_packed_cases
+from helpers.oracle import thd_partitioned_indices
+from helpers.worlds import failed_cases
+from workers.packed_cases import cumulative, padded_lengths, run_packed_cases
 
 from usp_megatron import local_positions
 from usp_megatron.layout import packed_layout
@@ -11,18 +13,6 @@ from usp_megatron.testing import run_distributed
 
 DEGREES = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (1, 4), (2, 3)]
 REAL_LENGTHS = [[1], [5, 1, 17, 2], [1, 1, 1, 2, 0, 3]]
-
-
-def _thd_partitioned_indices(cu_seqlens_padded, cp_size, cp_rank):
-    """Megatron's THD split, from its definition (TransformerEngine's
-    ``thd_get_partitioned_indices``): each document in 2 * cp_size chunks, this rank's
-    chunks cp_rank and 2 * cp_size - 1 - cp_rank, documents in order."""
-    indices = []
-    for start, stop in zip(cu_seqlens_padded, cu_seqlens_padded[1:]):
-        chunk = (stop - start) // (2 * cp_size)
-        for index in (cp_rank, 2 * cp_size - 1 - cp_rank):
-            indices += range(start + index * chunk, start + (index + 1) * chunk)
-    return torch.tensor(indices, dtype=torch.int64)
 
 
 def _layout(ulysses, ring, real):
@@ -42,7 +32,7 @@ def test_positions_are_megatron_thd_split_and_partition(ulysses, ring, real):
         got = local_positions(
             seq_len, ulysses, ring, c % ulysses, c // ulysses, "zigzag", cu_padded
         )
-        assert torch.equal(got, _thd_partitioned_indices(cu_padded.tolist(), ulysses * ring, c))
+        assert torch.equal(got, thd_partitioned_indices(cu_padded.tolist(), ulysses * ring, c))
         held.append(got)
     assert torch.equal(torch.cat(held).sort().values, torch.arange(seq_len))
     for r in range(ring):  # the all-to-all's staging index sorts every ring block
@@ -117,17 +107,6 @@ def test_packed_windows_refused():
         layout.block_tasks(0, 0, 4, True, (2, 0))
 
 
-def _failures(per_rank, tol):
-    return [
-        f"rank {rank}: {case}: {errors}"
-        for rank, results in enumerate(per_rank)
-        for case, errors in results
-        if not all(
-            value == 0.0 if "padding" in name else value <= tol for name, value in errors.items()
-        )
-    ]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_packed_documents_bf16_nccl(world_size):
@@ -136,7 +115,7 @@ def test_packed_documents_bf16_nccl(world_size):
     per_rank = run_distributed(
         world_size, run_packed_cases, "bfloat16", "torch", "cuda", backend="nccl", timeout_s=300
     )
-    failures = _failures(per_rank, 1e-2)
+    failures = failed_cases(per_rank, 1e-2)
     assert not failures, "\n".join(failures[:20])
 
 
@@ -187,7 +166,7 @@ def test_varlen_flash_kernel_matches_reference_on_every_ring_block_pair(causal):
 def test_packed_documents_match_float64_document_attention(world_size):
     per_rank = run_distributed(world_size, run_packed_cases, "float32", "reference", timeout_s=300)
     assert len(per_rank[0]) >= 6 * 3, "too few cases ran"
-    failures = _failures(per_rank, 1e-5)
+    failures = failed_cases(per_rank, 1e-5)
     assert not failures, "\n".join(failures[:20])
 
 

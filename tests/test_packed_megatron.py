@@ -8,7 +8,7 @@ import argparse
 
 import pytest
 import torch
-from test_packed import _thd_partitioned_indices
+from helpers.oracle import thd_partitioned_indices
 
 from usp_megatron.groups import USPGroups
 from usp_megatron.megatron.batch import get_batch_on_this_usp_rank, get_thd_batch_on_this_usp_rank
@@ -43,7 +43,7 @@ def test_thd_batch_split_is_megatrons(ulysses, ring):
         split, params = get_thd_batch_on_this_usp_rank(
             batch, real, padded, torch.tensor([32]), groups=_groups(ulysses, ring, c)
         )
-        index = _thd_partitioned_indices(PADDED, cp, c)
+        index = thd_partitioned_indices(PADDED, cp, c)
         for key in ("tokens", "labels", "loss_mask", "position_ids"):
             assert torch.equal(split[key], batch[key].index_select(1, index)), (key, c)
         assert split["attention_mask"] is None
@@ -56,7 +56,7 @@ def test_batch_with_cu_seqlens_is_split_as_thd():
     padded = torch.tensor([PADDED], dtype=torch.int32)  # as a data loader batches it
     batch = dict(_batch(PADDED[-1]), cu_seqlens=torch.tensor([REAL]), cu_seqlens_padded=padded)
     split = get_batch_on_this_usp_rank(batch, groups=_groups(2, 2, 3))
-    index = _thd_partitioned_indices(PADDED, 4, 3)
+    index = thd_partitioned_indices(PADDED, 4, 3)
     assert torch.equal(split["tokens"], batch["tokens"].index_select(1, index))
     assert split["cu_seqlens"] is batch["cu_seqlens"]
     params = split["packed_seq_params"]

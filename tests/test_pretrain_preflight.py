@@ -5,17 +5,17 @@ Megatron-LM launcher's one-line refusals."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from preflight_cases import EXAMPLE, refusals_in_train
+from helpers.example import EXAMPLE, example_on_path, run_quiet
+from workers.preflight_cases import refusals_in_train
 
 from usp_megatron.testing import run_distributed
 
-sys.path.insert(0, str(EXAMPLE))
+example_on_path()
 
 from arguments import parse_args  # noqa: E402
 from preflight import ConfigError, check_configuration  # noqa: E402
@@ -193,9 +193,8 @@ def test_train_refuses_in_a_gloo_world_before_building(tmp_path):
     assert "--pack-pad-multiple 2: the context-parallel split" in per_rank[0][3]
 
 
-def _run(cmd: list[str], cwd, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+def _run(cmd: list[str], cwd) -> subprocess.CompletedProcess:
+    return run_quiet(cmd, cwd, timeout=300)
 
 
 def _torchrun(tmp_path, *flags: str) -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from oracle import attention_float64, rel_error
+from helpers.oracle import attention_float64, rel_error
 
 from usp_megatron.kernels import get_kernel
 from usp_megatron.kernels.reference import ReferenceKernel

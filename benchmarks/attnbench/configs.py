@@ -1,7 +1,7 @@
 """The one parser of the benchmark's sizes: sequence lengths, U x R factorisations, heads.
 
-Shared by ``bench_attention.py``, ``profile_attention.py`` and the tests (``tests/usp_cases.py``
-runs every factorisation), so it imports nothing beyond the standard library. Every error is
+Shared by ``bench_attention.py`` and ``profile_attention.py``; it imports nothing beyond the
+standard library, so ``tests/test_bench_configs.py`` loads it from its file. Every error is
 a ``ValueError`` that names the flag and the value, raised before any process group exists.
 """
 

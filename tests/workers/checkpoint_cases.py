@@ -10,12 +10,11 @@ The test compares what comes back.
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import torch.distributed as dist
+from helpers.example import example_on_path
 
-EXAMPLE = Path(__file__).parents[1] / "examples" / "pretrain_gpt"
 SAVED_UNDER = ["--usp-ulysses-degree", "2", "--usp-ring-degree", "2"]
 LAYOUTS = {
     "U4R1": ["--usp-ulysses-degree", "4"],
@@ -36,8 +35,7 @@ SAVED_AT, TRAIN_ITERS = 2, 4
 
 
 def _driver():
-    if str(EXAMPLE) not in sys.path:
-        sys.path.insert(0, str(EXAMPLE))
+    example_on_path()
     from arguments import parse_args
     from training import train
 

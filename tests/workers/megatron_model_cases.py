@@ -14,7 +14,7 @@ import logging
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from oracle import rel_error
+from helpers.oracle import rel_error
 
 WORLD = 4
 SEQ, BATCH, VOCAB, HEADS = 32, 2, 128, 8

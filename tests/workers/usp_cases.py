@@ -11,8 +11,8 @@ import itertools
 
 import torch
 import torch.distributed as dist
-from attnbench.configs import factorizations
-from oracle import attention_float64, rel_error
+from helpers.oracle import attention_float64, rel_error
+from helpers.worlds import factorizations
 
 from usp_megatron import LongContextAttention, init_usp_groups, shard_sequence
 from usp_megatron.layout import RING_IMPLS

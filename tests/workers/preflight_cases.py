@@ -3,15 +3,12 @@ configurations it must refuse before building anything."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-EXAMPLE = Path(__file__).parents[1] / "examples" / "pretrain_gpt"
+from helpers.example import example_on_path
 
 
 def refusals_in_train(argvs: list[list[str]]) -> list[str | None]:
     """The ConfigError message of each ``train(parse_args(argv))``, None if it trained."""
-    sys.path.insert(0, str(EXAMPLE))
+    example_on_path()
     from arguments import parse_args
     from preflight import ConfigError
     from training import train

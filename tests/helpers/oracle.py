@@ -1,4 +1,5 @@
-"""One-rank float64 attention with autograd: the exact reference every test compares with."""
+"""The exact references the tests compare with: one-rank float64 attention with autograd
+(dense and packed documents), and Megatron's THD split from its definition."""
 
 from __future__ import annotations
 
@@ -73,3 +74,15 @@ def document_attention_float64(
     scores = scores.masked_fill(~seen.to(q.device), float("-inf"))
     out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
     return out * real_token.to(q.device).double()[None, :, None, None]
+
+
+def thd_partitioned_indices(cu_seqlens_padded, cp_size, cp_rank):
+    """Megatron's THD split, from its definition (TransformerEngine's
+    ``thd_get_partitioned_indices``): each document in 2 * cp_size chunks, this rank's
+    chunks cp_rank and 2 * cp_size - 1 - cp_rank, documents in order."""
+    indices = []
+    for start, stop in zip(cu_seqlens_padded, cu_seqlens_padded[1:]):
+        chunk = (stop - start) // (2 * cp_size)
+        for index in (cp_rank, 2 * cp_size - 1 - cp_rank):
+            indices += range(start + index * chunk, start + (index + 1) * chunk)
+    return torch.tensor(indices, dtype=torch.int64)

@@ -1,7 +1,7 @@
 """Packed-document (THD) USP attention cases, run inside one process world per size.
 
 Each rank builds the whole packed problem from a fixed seed, computes the float64
-document-causal reference (``oracle.document_attention_float64``), runs
+document-causal reference (``helpers.oracle.document_attention_float64``), runs
 ``LongContextAttention`` with ``cu_seqlens`` / ``cu_seqlens_padded`` on its THD shard and
 reports errors on real tokens (relative to the whole sequence's), the largest magnitude
 at padding positions (outputs and gradients must be exactly 0 there), inf where anything
@@ -14,8 +14,8 @@ import itertools
 
 import torch
 import torch.distributed as dist
-from oracle import document_attention_float64
-from usp_cases import factorizations
+from helpers.oracle import document_attention_float64
+from helpers.worlds import factorizations
 
 from usp_megatron import LongContextAttention, init_usp_groups, shard_sequence
 

@@ -1,0 +1,143 @@
+"""The Megatron-LM hook wrappers (``validate_args``, ``parse_args``, the spec provider's
+core attention), ``install`` at every place each tag looks, and the pretrain_gpt.py patches
+that call it (one process)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from helpers.megatron_args import parse
+from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+from usp_megatron.megatron.megatron_lm import (
+    with_usp_args,
+    wrap_core_attention,
+    wrap_parse_args,
+    wrap_validate_args,
+)
+from usp_megatron.megatron.specs import USPCoreAttention
+
+PATCHES = Path(__file__).parents[1] / "patches"
+
+
+def test_validate_args_hook_applies_before_and_checks_after():
+    seen = {}
+
+    def megatron_validate_args(args, defaults=None):  # Megatron-LM's signature, less its {}
+        seen["cp"] = args.context_parallel_size
+        seen["hcp"] = args.hierarchical_context_parallel_sizes
+        return args
+
+    hooked = wrap_validate_args(megatron_validate_args)
+    assert wrap_validate_args(hooked) is hooked  # idempotent
+    hooked(parse("--usp-ulysses-degree", "2", "--usp-ring-degree", "2"), {})
+    assert seen == {"cp": 4, "hcp": [2, 2]}
+    with pytest.raises(ValueError, match="must be at most the attention heads"):
+        hooked(parse("--usp-ulysses-degree", "4", num_attention_heads=2))
+
+
+def test_flags_hook_chains_extra_args_providers_once():
+    calls = []
+
+    def modelopt_args(parser):
+        calls.append("modelopt")
+        parser.add_argument("--modelopt-flag", type=int, default=0)
+        return parser
+
+    provider = with_usp_args(modelopt_args)
+    assert with_usp_args(provider) is provider
+    parser = provider(argparse.ArgumentParser())
+    args = parser.parse_args(["--usp-ring-degree", "2", "--modelopt-flag", "3"])
+    assert (args.usp_ring_degree, args.modelopt_flag, calls) == (2, 3, ["modelopt"])
+
+    def megatron_parse_args(extra_args_provider=None, ignore_unknown_args=False):
+        return extra_args_provider(argparse.ArgumentParser()).parse_args(["--usp-ring-degree", "4"])
+
+    # The launcher's parse_args hook adds the flags once, also to a patched script's provider.
+    assert wrap_parse_args(megatron_parse_args)(None).usp_ring_degree == 4
+    assert wrap_parse_args(megatron_parse_args)(provider).usp_ring_degree == 4
+
+
+def test_spec_provider_hook_answers_usp_only_when_enabled():
+    args = parse()
+    hooked = wrap_core_attention(LocalSpecProvider.core_attention, lambda: args)
+    assert hooked(LocalSpecProvider()) is DotProductAttention
+    args.usp_ulysses_degree, args.usp_ring_impl = 2, "basic"
+    core = hooked(LocalSpecProvider())
+    assert core == USPCoreAttention(ring_impl="basic", rope_sliced_for_layout=True)
+
+
+def _megatron_lm_training(tag: str, args: argparse.Namespace) -> dict[str, types.ModuleType]:
+    """Megatron-LM's ``megatron.training`` modules as ``tag`` lays out what the hooks replace."""
+    from megatron.core import utils as core_utils
+
+    def validate_args(args, defaults={}):  # noqa: B006 (Megatron-LM's signature)
+        return args
+
+    def parse_args(extra_args_provider=None, ignore_unknown_args=False):
+        return extra_args_provider(argparse.ArgumentParser()).parse_args([])
+
+    modules = {name: types.ModuleType(f"megatron.training.{name}")
+               for name in ("arguments", "initialize", "utils", "global_vars")}  # fmt: skip
+    modules["arguments"].validate_args = validate_args
+    modules["arguments"].parse_args = parse_args
+    modules["global_vars"].get_args = lambda: args
+    if tag == "core_v0.16.1":  # imported by name where 0.19 no longer does
+        modules["initialize"].validate_args = validate_args
+        modules["initialize"].parse_args = parse_args
+        modules["utils"].get_batch_on_this_cp_rank = core_utils.get_batch_on_this_cp_rank
+    return {f"megatron.training.{name}": module for name, module in modules.items()}
+
+
+@pytest.mark.parametrize("tag", ["core_v0.16.1", "core_v0.19.0"])
+def test_install_hooks_every_place_each_tag_looks(monkeypatch, tag):
+    from megatron.core import utils as core_utils
+    from megatron.core.models.gpt import gpt_model
+
+    from usp_megatron.megatron.megatron_lm import install
+
+    args = parse()
+    training = _megatron_lm_training(tag, args)
+    for name, module in training.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    replaced = [(LocalSpecProvider, "core_attention"), (core_utils, "get_batch_on_this_cp_rank"),
+                (gpt_model, "RotaryEmbedding")]  # fmt: skip
+    if hasattr(core_utils, "get_thd_batch_on_this_cp_rank"):
+        replaced.append((core_utils, "get_thd_batch_on_this_cp_rank"))
+    try:
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+        replaced.append((TESpecProvider, "core_attention"))
+    except ImportError:
+        pass
+    for owner, name in replaced:  # restored after the test
+        monkeypatch.setattr(owner, name, getattr(owner, name))
+    install(add_flags=True)
+    install(add_flags=True)  # idempotent
+    hooked = [getattr(owner, name) for owner, name in replaced] + [
+        getattr(module, name)
+        for module in training.values()
+        for name in ("validate_args", "parse_args", "get_batch_on_this_cp_rank")
+        if hasattr(module, name)
+    ]
+    assert len(hooked) == len(replaced) + (5 if tag == "core_v0.16.1" else 2)
+    assert all(getattr(fn, "_usp_megatron_hook", False) for fn in hooked)
+    parsed = training["megatron.training.arguments"].parse_args(None)
+    assert parsed.usp_ulysses_degree == 1  # the flags reach 0.19's parse_and_validate_args
+
+
+@pytest.mark.parametrize("tag", ["core_v0.16.1", "core_v0.19.0"])
+def test_patch_installs_hooks_and_flags(tag):
+    text = (PATCHES / f"megatron-lm-{tag}-pretrain_gpt.patch").read_text()
+    added = [line[1:].strip() for line in text.splitlines() if line.startswith("+") and
+             not line.startswith("+++")]  # fmt: skip
+    assert "usp_megatron_lm.install()  # imports below pick them up" in added
+    assert "extra_args_provider=usp_megatron_lm.with_usp_args(" in added
+    assert "--- a/pretrain_gpt.py" in text and "+++ b/pretrain_gpt.py" in text
+    # The hook line sits above the imports it has to precede.
+    assert text.index("usp_megatron_lm.install()") < text.index(" from gpt_builders import")
