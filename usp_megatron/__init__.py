@@ -6,11 +6,13 @@ from usp_megatron.groups import USPGroups, init_usp_groups, usp_groups_from
 from usp_megatron.kernels import BACKENDS, get_kernel
 from usp_megatron.layout import (
     RING_IMPLS,
+    DenseLayout,
     PackedZigzagLayout,
     SequenceLayout,
     get_layout,
     local_positions,
     packed_layout,
+    resolve_layout,
 )
 from usp_megatron.sharding import gather_sequence, shard_sequence
 
@@ -18,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "DenseLayout",
     "LongContextAttention",
     "PackedZigzagLayout",
     "RING_IMPLS",
@@ -30,6 +33,7 @@ __all__ = [
     "init_usp_groups",
     "local_positions",
     "packed_layout",
+    "resolve_layout",
     "shard_sequence",
     "usp_groups_from",
 ]
