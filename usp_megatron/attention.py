@@ -182,15 +182,17 @@ class LongContextAttention(nn.Module):
         self, x: torch.Tensor, dim: int = 1, cu_seqlens_padded: torch.Tensor | None = None
     ) -> torch.Tensor:
         """This rank's positions of a full-sequence tensor ``x`` along ``dim``."""
-        layout = self.layout if cu_seqlens_padded is None else self.packed_layout(cu_seqlens_padded)
-        return shard_sequence(x, dim, self.groups, layout)
+        return shard_sequence(x, dim, self.groups, self._layout_of(cu_seqlens_padded))
 
     def gather(
         self, x_local: torch.Tensor, dim: int = 1, cu_seqlens_padded: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The full sequence from every rank's shard (not differentiable)."""
-        layout = self.layout if cu_seqlens_padded is None else self.packed_layout(cu_seqlens_padded)
-        return gather_sequence(x_local, dim, self.groups, layout)
+        return gather_sequence(x_local, dim, self.groups, self._layout_of(cu_seqlens_padded))
+
+    def _layout_of(self, cu_seqlens_padded: torch.Tensor | None) -> SequenceLayout:
+        """The module's layout, or the packed one of these document boundaries."""
+        return self.layout if cu_seqlens_padded is None else self.packed_layout(cu_seqlens_padded)
 
     def positions(self, seq_len: int) -> torch.Tensor:
         """Global positions this rank holds, in local order."""

@@ -378,6 +378,8 @@ class PackedZigzagLayout(SequenceLayout):
         padded = [b - a for a, b in zip(self.cu_seqlens_padded, self.cu_seqlens_padded[1:])]
         real = [b - a for a, b in zip(self.cu_seqlens, self.cu_seqlens[1:])]
         self.padded_lens, self.real_lens = tuple(padded), tuple(real)
+        #: The longest document, padded and real (RoPE's table must hold the real one).
+        self.longest_padded, self.longest_real = max(padded, default=0), max(real, default=0)
         self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
 
     def __repr__(self) -> str:
@@ -506,6 +508,16 @@ def _cu_seqlens_tuple(name: str, value: object) -> tuple[int, ...]:
     return cu
 
 
+def check_packs_documents(ring_impl: str) -> None:
+    """Packed documents split as Megatron's THD split, the zigzag of every document."""
+    if layout_type(ring_impl) is not ZigzagLayout:
+        raise ValueError(
+            f"packed documents (cu_seqlens) need ring_impl='zigzag', got {ring_impl!r}: "
+            "Megatron's THD context-parallel split is the zigzag of every document, and "
+            f"{ring_impl!r} would mix documents' chunks across ranks with no such split"
+        )
+
+
 def packed_layout(
     ring_impl: str,
     ulysses_degree: int,
@@ -519,12 +531,7 @@ def packed_layout(
     multiple of ``2 * U * R``; ``cu_seqlens``: the real lengths (None: no padding).
     Global and the same on every rank (read once, on the host).
     """
-    if layout_type(ring_impl) is not ZigzagLayout:
-        raise ValueError(
-            f"packed documents (cu_seqlens) need ring_impl='zigzag', got {ring_impl!r}: "
-            "Megatron's THD context-parallel split is the zigzag of every document, and "
-            f"{ring_impl!r} would mix documents' chunks across ranks with no such split"
-        )
+    check_packs_documents(ring_impl)
     check_degrees(ulysses_degree, ring_degree)
     padded = _cu_seqlens_tuple("cu_seqlens_padded", cu_seqlens_padded)
     real = padded if cu_seqlens is None else _cu_seqlens_tuple("cu_seqlens", cu_seqlens)

@@ -104,7 +104,7 @@ def _consecutive(parts: list[torch.Tensor]) -> torch.Tensor | None:
     return parts[0].as_strided((numel,), (1,))
 
 
-def point_to_point(
+def _point_to_point(
     outputs: list[torch.Tensor], inputs: list[torch.Tensor], group: ProcessGroup
 ) -> list:
     """The list-form all-to-all as sends and receives (own piece copied locally)."""
@@ -119,7 +119,7 @@ def point_to_point(
     return dist.batch_isend_irecv(ops) if ops else []
 
 
-def _exchange_piece(
+def exchange_pieces(
     outputs: list[torch.Tensor], inputs: list[torch.Tensor], group: ProcessGroup
 ) -> list:
     """One all-to-all of contiguous pieces (``inputs[j]`` to rank ``j``, ``outputs[j]`` from
@@ -128,7 +128,7 @@ def _exchange_piece(
     and receives (``GLOO_COLLECTIVES``)."""
     gloo = dist.get_backend(group) == "gloo"
     if gloo and not GLOO_COLLECTIVES:
-        return point_to_point(outputs, inputs, group)
+        return _point_to_point(outputs, inputs, group)
     out, inp = _consecutive(outputs), _consecutive(inputs)
     out_sizes, in_sizes = [p.numel() for p in outputs], [p.numel() for p in inputs]
     equal = out_sizes.count(out_sizes[0]) == len(out_sizes) and (
@@ -138,7 +138,7 @@ def _exchange_piece(
         splits = (None, None) if equal else (out_sizes, in_sizes)
         return [dist.all_to_all_single(out, inp, *splits, group=group, async_op=True)]
     if gloo and not (equal and GLOO_HAS_LIST_ALL_TO_ALL):
-        return point_to_point(outputs, inputs, group)
+        return _point_to_point(outputs, inputs, group)
     return [dist.all_to_all(outputs, inputs, group=group, async_op=True)]
 
 
@@ -218,7 +218,7 @@ def slotted_seq_to_heads_start(
     works = []
     for i in range(pieces):
         slots = [recv[j * piece_len : (j + 1) * piece_len] for j in layout.gather_slots[i]]
-        works += _exchange_piece(slots, send.rank_pieces(i), group)
+        works += exchange_pieces(slots, send.rank_pieces(i), group)
     return PendingExchange(works, result, [send.flat])
 
 
@@ -250,7 +250,7 @@ def slotted_heads_to_seq_start(
     works = []
     for i in range(pieces):
         slots = [send[j * piece_len : (j + 1) * piece_len] for j in layout.gather_slots[i]]
-        works += _exchange_piece(recv.rank_pieces(i), slots, group)
+        works += exchange_pieces(recv.rank_pieces(i), slots, group)
 
     def finish() -> None:
         for run, views in zip(recv.runs, zip(*destinations)):

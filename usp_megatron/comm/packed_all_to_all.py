@@ -6,27 +6,18 @@ ring-block slot with one collective as the dense path's do (that would take one
 collective per chunk). Instead one ``all_to_all_single`` receives every source rank's
 whole shard into a staging buffer, and one index copy puts its rows in ring-block order
 (``PackedZigzagLayout.staging_rows``); the way back gathers by the same index before the
-all-to-all. That costs one extra copy of the exchanged tensors each way. On gloo the
-all-to-all travels as sends and receives (``all_to_all.GLOO_COLLECTIVES`` says why).
+all-to-all. That costs one extra copy of the exchanged tensors each way. The exchange is
+the dense path's (``all_to_all.exchange_pieces``: sends and receives on gloo).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from usp_megatron.comm import all_to_all
-from usp_megatron.comm.all_to_all import PendingExchange, point_to_point
+from usp_megatron.comm.all_to_all import PendingExchange, exchange_pieces
 from usp_megatron.layout import PackedZigzagLayout
 from usp_megatron.tensors import copy_words_
-
-
-def _exchange_rows(output: torch.Tensor, input: torch.Tensor, group: ProcessGroup) -> list:
-    """``input[j]`` to ulysses rank ``j``, ``output[j]`` from it: [U, ...] each."""
-    if dist.get_backend(group) == "gloo" and not all_to_all.GLOO_COLLECTIVES:
-        return point_to_point(list(output.unbind(0)), list(input.unbind(0)), group)
-    return [dist.all_to_all_single(output, input, group=group, async_op=True)]
 
 
 def _one_run(tensors: list[list[torch.Tensor]]) -> list[torch.Tensor]:
@@ -54,7 +45,7 @@ def staged_seq_to_heads_start(
         copy_words_(send[..., start : start + h, :], t.permute(2, 1, 0, 3, 4))
         start += h
     staging = torch.empty_like(send)  # [source rank, s, b, h, d]
-    works = _exchange_rows(staging, send, group)
+    works = exchange_pieces(list(staging.unbind(0)), list(send.unbind(0)), group)
     block = send.new_empty(degree * s, b, total, d)  # the ring block, seq-major
     rows = layout.staging_rows_on(send.device)
     result, start = [], 0
@@ -93,7 +84,9 @@ def staged_heads_to_seq_start(
         copy_words_(send[:, :, start : start + h], t.transpose(0, 1).index_select(0, rows))
         start += h
     recv = send.new_empty(degree, s, b, total, d)  # [source rank, s, b, h, d]
-    works = _exchange_rows(recv, send.view(degree, s, b, total, d), group)
+    works = exchange_pieces(
+        list(recv.unbind(0)), list(send.view(degree, s, b, total, d).unbind(0)), group
+    )
 
     def finish() -> None:
         start = 0

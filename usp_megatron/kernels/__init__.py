@@ -4,12 +4,13 @@
 per device and dtype (never per block):
 
 - ``torch``: the fastest of PyTorch's own ops present: cuDNN, then flash, then efficient.
-  Sliding windows: ``torch_window`` (kernels/windowed.py: cuDNN for the band's full and
-  causal tiles, flash for its left edge), else flash. Packed documents: flash (cuDNN's and
+  Sliding windows: ``torch_window`` (kernels/windowed.py: tiles as long as the window,
+  causal squares on cuDNN and the band's anti-causal edge on cuDNN too, reversed), else
+  flash. Packed documents: flash (cuDNN's and
   efficient's ops here take neither). ``torch_flash`` is flash alone, windows included.
 - ``auto``: ``torch`` on CUDA, the plain-torch reference elsewhere. FlashAttention
-  (``flash_attn``) is taken only when asked for by name: it has not passed this project's
-  GPU tests yet, and on H100/H200 cuDNN measured faster.
+  (``flash_attn``) is taken only when asked for by name: it passes the GPU tests (one
+  H100), but needs an extra package, and on H100/H200 cuDNN measured faster.
 """
 
 from __future__ import annotations

@@ -60,6 +60,11 @@ def _mark_cp_comm_type_default(parser: argparse.ArgumentParser) -> None:
         parser.set_defaults(cp_comm_type=MegatronDefault(default))
 
 
+def _cp_comm_types(value: str | list | None) -> list:
+    """``--cp-comm-type`` as a list: one entry, or one per layer."""
+    return [value] if value is None or isinstance(value, str) else list(value)
+
+
 def _apply_cp_comm_type(args: argparse.Namespace, enabled: bool) -> None:
     """Set ``cp_comm_type`` where the user did not type it; check it where they did."""
     given = getattr(args, "cp_comm_type", None)
@@ -69,7 +74,7 @@ def _apply_cp_comm_type(args: argparse.Namespace, enabled: bool) -> None:
         return
     if not enabled or given is None:
         return
-    typed = [given] if isinstance(given, str) else list(given)
+    typed = _cp_comm_types(given)
     u, r = args.usp_ulysses_degree, args.usp_ring_degree
     for value in typed:
         try:
@@ -290,7 +295,7 @@ def validate_usp_args(args: argparse.Namespace) -> argparse.Namespace:
     comm = getattr(args, "cp_comm_type", None)
     if isinstance(comm, MegatronDefault):
         raise ValueError("--cp-comm-type is resolved by apply_usp_args: run it first")
-    for value in [comm] if comm is None or isinstance(comm, str) else comm:
+    for value in _cp_comm_types(comm):
         check_cp_comm_type(value, u, r)
     check_seq_len(args.seq_length, u, r, impl)
     check_attention_options(

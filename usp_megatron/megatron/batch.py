@@ -72,7 +72,7 @@ def get_thd_batch_on_this_usp_rank(
     packed = attach_packed_batch(padded, cu_seqlens, ring_impl, g)
     use_vectorised_packed_rope()
     if max_seqlen is None:
-        max_seqlen = max(packed.layout.padded_lens)
+        max_seqlen = packed.layout.longest_padded
     elif isinstance(max_seqlen, torch.Tensor):
         max_seqlen = int(max_seqlen.reshape(-1)[0].item())
     packed_seq_params = PackedSeqParams(

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 from usp_megatron.groups import USPGroups
-from usp_megatron.layout import PackedZigzagLayout, packed_layout
+from usp_megatron.layout import PackedZigzagLayout, check_packs_documents, packed_layout
 
 _ATTRIBUTE = "_usp_packed_batch"
 
@@ -33,14 +33,11 @@ class PackedBatch(NamedTuple):
     ulysses_rank: int
     ring_rank: int
 
-    def is_for(self, ring_impl: str, groups: USPGroups) -> bool:
+    def is_for(self, groups: USPGroups) -> bool:
         layout = self.layout
-        return (
-            (layout.ulysses_degree, layout.ring_degree)
-            == (groups.ulysses_degree, groups.ring_degree)
-            and (self.ulysses_rank, self.ring_rank) == (groups.ulysses_rank, groups.ring_rank)
-            and ring_impl == "zigzag"
-        )
+        return (layout.ulysses_degree, layout.ring_degree, self.ulysses_rank, self.ring_rank) == (
+            groups.ulysses_degree, groups.ring_degree, groups.ulysses_rank, groups.ring_rank
+        )  # fmt: skip
 
 
 def attach_packed_batch(
@@ -51,8 +48,9 @@ def attach_packed_batch(
 ) -> PackedBatch:
     """Build the batch's :class:`PackedBatch` (one host read of the boundaries) and attach
     it to ``cu_seqlens_padded``; returns it. ``cu_seqlens=None``: no padding."""
+    check_packs_documents(ring_impl)
     found = packed_batch_of(cu_seqlens_padded)
-    if found is not None and found.is_for(ring_impl, groups):
+    if found is not None and found.is_for(groups):
         return found
     layout = packed_layout(
         ring_impl, groups.ulysses_degree, groups.ring_degree, cu_seqlens_padded, cu_seqlens

@@ -125,14 +125,14 @@ def apply_rotary_pos_emb_usp(
         return _MEGATRON_APPLY_ROTARY(
             t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group, **kwargs
         )
-    longest = max(packed.layout.real_lens, default=0)
+    longest = packed.layout.longest_real
     if longest > freqs.shape[0]:
         raise ValueError(
             f"the rotary table has {freqs.shape[0]} rows but a document has {longest} tokens: "
             "max_seqlen of the packed batch must be at least its longest document"
         )
     rows = packed.rope_rows
-    if max(packed.layout.padded_lens, default=0) > freqs.shape[0]:
+    if packed.layout.longest_padded > freqs.shape[0]:
         rows = rows.clamp(max=freqs.shape[0] - 1)  # only padding rows reach past the table
     # [t, heads, dim] -> [t, 1, heads, dim]: one "sequence" of t tokens, a row per token
     tokens = t if t.dim() == 4 else t.unsqueeze(1)
