@@ -38,12 +38,13 @@ from usp_megatron.megatron.launch import exit_refused  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train; a refused configuration is one message from rank 0 and exit 1 on every rank."""
-    args = parse_args(argv)
-    if "RANK" not in os.environ:
-        sys.exit("launch with torchrun, e.g. torchrun --nproc-per-node 4 " + sys.argv[0])
-    rank = int(os.environ["RANK"])
+    """Train; a refused configuration (a flag argparse refuses included) is one message from
+    rank 0 and exit 1 on every rank."""
+    rank = int(os.environ.get("RANK", "0"))
     try:
+        args = parse_args(argv)
+        if "RANK" not in os.environ:
+            sys.exit("launch with torchrun, e.g. torchrun --nproc-per-node 4 " + sys.argv[0])
         plan = check_configuration(args, int(os.environ["WORLD_SIZE"]))
         if rank == 0:
             print(banner(args, plan), flush=True)
