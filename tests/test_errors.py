@@ -35,6 +35,13 @@ EXPECTED = {
     "was it meant to be transposed\\? \\(e.g. q.transpose\\(1, 2\\)\\)",
     "unknown qkv_format": "qkv_format must be one of \\('bshd', 'sbhd'\\).*got 'bhsd'",
     "zero num_heads": "num_heads must be an integer >= 1, got 0",
+    "shard dim": "dim 4 is not a dimension of a 4-D tensor of shape \\(1, 4, 4, 8\\)",
+    "integer q": "q, k, v must be floating point \\(float16, bfloat16, float32, float64\\), got "
+    "torch.int32",
+    "head_dim 0": "head_dim must be at least 1",
+    "softmax_scale": "softmax_scale must be a finite number .*got '0.1'",
+    "gather shapes differ": "the ranks hold shards of different shapes \\(rank 0: "
+    "\\[1, 4, 4, 8\\], rank 1: \\[1, 8, 4, 8\\]",
     "still works": "ok",
     "sbhd matches bshd": "ok",
     "uneven heads run": "ok",

@@ -80,6 +80,12 @@ REFUSED = [
      "must be even (e.g. --hidden-size 16 or 32)"),
     (["--tensor-model-parallel-size", "2", "--ffn-hidden-size", "255"], 2,
      "--ffn-hidden-size 255 must be divisible by --tensor-model-parallel-size 2"),
+    (["--megatron-attention", "--pack-documents"], 1, "Megatron's DotProductAttention takes no "
+     "packed sequences"),
+    # Were a NotADirectoryError at the first save, a FileNotFoundError after the last iteration.
+    (["--save", __file__], 1, f"--save {__file__} is a file: give a directory"),
+    (["--history-json", f"{__file__}/h.json"], 1, f"nothing can be written below {__file__}"),
+    (["--history-json", "/"], 1, "--history-json / is a directory: give a file name"),
 ]  # fmt: skip
 
 
@@ -318,7 +324,7 @@ def test_torchrun_refusal_is_one_message_and_exit_1(tmp_path):
 def test_three_iterations_banner_log_summary_then_nothing_to_do(tmp_path):
     flags = ["--usp-ulysses-degree", "2", "--train-iters", "3", "--seq-length", "64",
              "--global-batch-size", "4", "--save", str(tmp_path / "ckpt")]  # fmt: skip
-    done = _torchrun(tmp_path, *flags, "--history-json", str(tmp_path / "h.json"))
+    done = _torchrun(tmp_path, *flags, "--history-json", str(tmp_path / "new" / "h.json"))
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert "attention  kernel reference (auto on CPU" in out
@@ -326,8 +332,8 @@ def test_three_iterations_banner_log_summary_then_nothing_to_do(tmp_path):
     assert "per rank   32 of 64 tokens" in out
     assert out.count("GFLOP/s/rank | max RSS") == 3 and "iter     3/3 (100.0%)" in out
     assert "done: 3 iterations in" in out and "(first iteration excluded); final loss" in out
-    assert f"wrote: history {tmp_path / 'h.json'}; checkpoint of iteration 3" in out
-    history = json.loads((tmp_path / "h.json").read_text())["history"]
+    assert f"wrote: history {tmp_path / 'new' / 'h.json'}; checkpoint of iteration 3" in out
+    history = json.loads((tmp_path / "new" / "h.json").read_text())["history"]
     assert [r["iteration"] for r in history] == [1, 2, 3]
     assert all(r["tflops_per_gpu"] > 0 and r["peak_memory_bytes"] > 0 for r in history)
 

@@ -14,6 +14,8 @@ its pieces and which block pairs the ring computes).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -279,9 +281,14 @@ class LongContextAttention(nn.Module):
                 f"k and v must match q in batch, sequence and head_dim and each other; got "
                 f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
             )
+        if q.shape[3] < 1:
+            raise ValueError(f"head_dim must be at least 1, got q of shape {tuple(q.shape)}")
         split = head_split(q.shape[2], k.shape[2], self.groups.ulysses_degree)
         if len({q.dtype, k.dtype, v.dtype}) > 1:
             raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+        if q.dtype not in _DTYPE_CODES:
+            names = ", ".join(str(t).removeprefix("torch.") for t in _DTYPE_CODES)
+            raise ValueError(f"q, k, v must be floating point ({names}), got {q.dtype}")
         if len({q.device, k.device, v.device}) > 1:
             raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
         if layout.masks_documents and q.shape[0] != 1:
@@ -348,6 +355,13 @@ class LongContextAttention(nn.Module):
             q, k, v = (t.transpose(0, 1) for t in (q, k, v))
         split = self._check(q, k, v, layout)
         self._check_peers(q, k, causal, window)
+        if softmax_scale is not None and not (
+            isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)
+        ):
+            raise ValueError(
+                f"softmax_scale must be a finite number (None: 1 / sqrt(head_dim)), got "
+                f"{softmax_scale!r}"
+            )
         call = AttentionCall(
             groups=self.groups,
             layout=layout,

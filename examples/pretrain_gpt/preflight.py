@@ -156,6 +156,7 @@ def check_configuration(
         validate_usp_args(args)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    _check_outputs(args)
     _check_checkpointing(args)
     resume = _check_resume(args)
     if resume is None:
@@ -392,6 +393,12 @@ def _check_packed_documents(args: argparse.Namespace) -> None:
             f"--pack-documents packs each sample into one THD sequence: it needs "
             f"--micro-batch-size 1, got {args.micro_batch_size}"
         )
+    if args.megatron_attention:
+        raise ConfigError(
+            "--megatron-attention with --pack-documents: Megatron's DotProductAttention takes "
+            "no packed sequences (megatron-core asks for TransformerEngine's); drop "
+            "--megatron-attention (USP's attention takes them at any context-parallel size)"
+        )
     per_sample = args.pack_documents_per_sample
     if per_sample is not None and per_sample > args.seq_length:
         raise ConfigError(
@@ -423,6 +430,30 @@ def _check_lr_schedule(args: argparse.Namespace) -> None:
             f"{args.lr_decay_iters} (default: --train-iters): lower the warmup, or leave it "
             "out (the default fits any --train-iters)"
         )
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Where the run writes must take what it writes: found at the first save, or after
+    the last iteration (the history file), the mistake would cost the run."""
+    for flag, path, directory in (
+        ("--save", args.save, True),
+        ("--tensorboard-dir", args.tensorboard_dir, True),
+        ("--data-cache-path", args.data_cache_path, True),
+        ("--history-json", args.history_json, False),
+    ):
+        if path is None:
+            continue
+        target = Path(path)
+        if directory and target.exists() and not target.is_dir():
+            raise ConfigError(f"{flag} {path} is a file: give a directory (created if missing)")
+        if not directory and target.is_dir():
+            raise ConfigError(f"{flag} {path} is a directory: give a file name")
+        existing = next(parent for parent in target.absolute().parents if parent.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise ConfigError(
+                f"{flag} {path}: nothing can be written below {existing} (a file, or not "
+                "writable): give a path in a writable directory"
+            )
 
 
 def _check_checkpointing(args: argparse.Namespace) -> None:

@@ -66,6 +66,7 @@ def _run(args: argparse.Namespace) -> list[dict]:
     try:
         history = train(args)
         if args.history_json and history and dist.get_rank() == 0:
+            Path(args.history_json).parent.mkdir(parents=True, exist_ok=True)
             with open(args.history_json, "w") as f:
                 json.dump({"args": vars(args), "history": history}, f, indent=1)
         return history

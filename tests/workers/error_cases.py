@@ -68,6 +68,11 @@ def try_bad_inputs() -> dict[str, str]:
         lambda: LongContextAttention(groups, qkv_format="bhsd")
     )
     messages["zero num_heads"] = _raises(lambda: LongContextAttention(groups, num_heads=0))
+    messages["shard dim"] = _raises(lambda: attn.shard(x, dim=4))
+    messages["integer q"] = _raises(lambda: attn(x.int(), x.int(), x.int()))
+    messages["head_dim 0"] = _raises(lambda: attn(*(x[..., :0] for _ in range(3))))
+    messages["softmax_scale"] = _raises(lambda: attn(x, x, x, softmax_scale="0.1"))
+    messages["gather shapes differ"] = _raises(lambda: attn.gather(longer))
     # After all the refusals the world still works: nothing was left half-way in a collective.
     out = attn(x, x, x)
     messages["still works"] = "ok" if out.shape == x.shape else "bad shape"
