@@ -69,6 +69,7 @@ def _run(args: argparse.Namespace) -> list[dict]:
             Path(args.history_json).parent.mkdir(parents=True, exist_ok=True)
             with open(args.history_json, "w") as f:
                 json.dump({"args": vars(args), "history": history}, f, indent=1)
+        dist.barrier()  # no rank closes its connections while another finishes a collective
         return history
     finally:
         dist.destroy_process_group()
