@@ -42,7 +42,8 @@ _LAYOUT_KEYS = (
     "data_parallel_size",
 )
 # What makes the resumed run the same run: the model's shapes and numerics, the optimizer
-# (its state's keys) and the sample order (global batch i is samples [i*G, (i+1)*G)).
+# (its state's keys) and the sample order (global batch i is samples [i*G, (i+1)*G) of the
+# dataset shuffled with --seed). Keys a checkpoint lacks (older versions) are not compared.
 _RUN_KEYS = (
     "num_layers",
     "hidden_size",
@@ -57,6 +58,7 @@ _RUN_KEYS = (
     "optimizer",
     "use_distributed_optimizer",
     "global_batch_size",
+    "seed",
 )
 
 
