@@ -31,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(description=__doc__, allow_abbrev=False)
+    parser = _Parser(prog="pretrain_gpt.py", description=__doc__, allow_abbrev=False)
     model = parser.add_argument_group("model")
     model.add_argument("--num-layers", type=int, default=2)
     model.add_argument("--hidden-size", type=int, default=64)
