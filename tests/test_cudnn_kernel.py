@@ -189,6 +189,8 @@ def test_operands_are_used_in_place_when_aligned_and_copied_otherwise():
     assert _operand(head_slice).data_ptr() == head_slice.data_ptr()
     seq_major = torch.zeros(16, 2, 4, 64, dtype=torch.bfloat16).transpose(0, 1)
     assert _operand(seq_major[:, 3:9]).data_ptr() == seq_major[:, 3:9].data_ptr()
+    expanded = torch.zeros(1, 1, 4, 64, dtype=torch.bfloat16).expand(2, 16, 4, 64)
+    assert _operand(expanded).is_contiguous()
     odd_heads = torch.zeros(1, 8, 4, 12, dtype=torch.bfloat16)[..., :8]  # heads 24 bytes apart
     copied = _operand(odd_heads)
     assert copied.is_contiguous() and copied.data_ptr() != odd_heads.data_ptr()
@@ -316,16 +318,19 @@ def test_windows_and_documents_pick_cudnn_dense_keeps_torch_cudnn(all_cuda_kerne
         get_kernel("torch_cudnn", cuda, bf16, windows=True)
 
 
-def test_a_block_of_one_row_and_one_key_goes_to_the_plain_kernel():
-    """cuDNN's backward refuses s_q = s_kv = 1; such a block needs no CUDA here."""
+@pytest.mark.parametrize("sq,sk", [(1, 1), (1, 7), (7, 1)])
+def test_blocks_of_one_row_or_one_key_go_to_the_plain_kernel(sq, sk):
+    """cuDNN's backward refuses s_q = s_kv = 1 and PyTorch keeps sequence length 1 off
+    cuDNN; such blocks need no CUDA here."""
     gen = torch.Generator().manual_seed(5)
-    q, k, v, dout = (torch.randn(2, 1, 4, 8, generator=gen) for _ in range(4))
+    q, dout = (torch.randn(2, sq, 4, 8, generator=gen) for _ in range(2))
+    k, v = (torch.randn(2, sk, 2, 8, generator=gen) for _ in range(2))
     kernel, reference = CudnnFrontendKernel(), ReferenceKernel()
-    out, lse = kernel.forward(q, k[:, :, :2], v[:, :, :2], FULL, 0.5)
-    want_out, want_lse = reference.forward(q, k[:, :, :2], v[:, :, :2], FULL, 0.5)
+    out, lse = kernel.forward(q, k, v, FULL, 0.5)
+    want_out, want_lse = reference.forward(q, k, v, FULL, 0.5)
     assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
-    grads = kernel.backward(dout, q, k[:, :, :2], v[:, :, :2], out, lse, FULL, 0.5)
-    want = reference.backward(dout, q, k[:, :, :2], v[:, :, :2], out, lse, FULL, 0.5)
+    grads = kernel.backward(dout, q, k, v, out, lse, FULL, 0.5)
+    want = reference.backward(dout, q, k, v, out, lse, FULL, 0.5)
     assert all(torch.equal(g, w) for g, w in zip(grads, want))
 
 
@@ -407,8 +412,9 @@ DENSE_CASES = [
     (1, 300, 300, BlockMask(0, None), 4, 1, 128),  # the anti-causal square (a window's edge)
     (1, 200, 260, BlockMask(-30, 80), 8, 4, 64),  # sq < sk, both bounds
     (1, 1, 1, FULL, 4, 2, 64),  # one row, one key: the plain kernel
-    (1, 1, 96, FULL, 4, 2, 64),  # a single query row
-    (1, 96, 1, FULL, 4, 2, 64),  # a single key
+    (1, 1, 96, FULL, 4, 2, 64),  # a single query row: the plain kernel too
+    (1, 2, 96, BlockMask(0, 94), 4, 2, 64),  # two rows
+    (1, 96, 2, CAUSAL, 4, 2, 64),  # two keys
 ]
 
 

@@ -24,8 +24,9 @@ Masks (``mask.BlockMask``, rows counted from the block's top-left corner):
 Graphs are built once per device, dtype, shapes, strides (inputs are used in place, head
 slices and row slices included), mask and scale, and kept in a bounded LRU; one cuDNN
 handle per device runs on torch's current stream; workspaces come from torch's
-allocator. A block of one row and one key goes to the plain-torch kernel (cuDNN's
-backward refuses ``s_q = s_kv = 1``).
+allocator. A block of one query row or one key goes to the plain-torch kernel (cuDNN's
+backward refuses ``s_q = s_kv = 1``, and PyTorch keeps sequence length 1 off cuDNN:
+pytorch/pytorch#138529); it costs a few kernel launches.
 """
 
 from __future__ import annotations
@@ -452,11 +453,12 @@ def document_tensors(documents: Documents, device: torch.device) -> DocumentTens
 
 def _operand(x: Tensor) -> Tensor:
     """``x`` as it is where cuDNN can read it in place (last dimension contiguous, 16-byte
-    aligned start and strides), else a contiguous copy."""
+    aligned start and strides, none 0: not expanded), else a contiguous copy."""
     aligned = x.data_ptr() % 16 == 0 and all(
-        (stride * x.element_size()) % 16 == 0 for stride, size in zip(x.stride()[:-1], x.shape)
+        stride != 0 and (stride * x.element_size()) % 16 == 0
+        for stride, size in zip(x.stride()[:-1], x.shape)
         if size > 1
-    )  # fmt: skip
+    )
     return x if aligned and x.stride(-1) == 1 else x.contiguous()
 
 
@@ -528,7 +530,7 @@ class CudnnFrontendKernel:
 
     def __init__(self) -> None:
         self._graphs = _GraphCache(GRAPH_CACHE_SIZE)
-        self._tiny = ReferenceKernel()
+        self._plain = ReferenceKernel()
 
     def available(self, device: torch.device, dtype: torch.dtype) -> bool:
         """CUDA, fp16/bf16, ``cudnn`` importable, and a small graph built on this device
@@ -544,8 +546,8 @@ class CudnnFrontendKernel:
         if mask.documents is not None:
             return self._documents_forward(q, k, v, mask.documents, scale)
         b, sq, hq, d = q.shape
-        if sq == 1 and k.shape[1] == 1:
-            return self._tiny.forward(q, k, v, mask, scale)
+        if sq == 1 or k.shape[1] == 1:
+            return self._plain.forward(q, k, v, mask, scale)
         band = cudnn_band(mask.lo, mask.hi, sq, k.shape[1])
         q, k, v = _operand(q), _operand(k), _operand(v)
         out = _empty_like_rows(q, (b, sq, hq, d))
@@ -575,8 +577,8 @@ class CudnnFrontendKernel:
         if mask.documents is not None:
             return self._documents_backward(dout, q, k, v, out, lse, mask.documents, scale)
         b, sq, hq, d = q.shape
-        if sq == 1 and k.shape[1] == 1:
-            return self._tiny.backward(dout, q, k, v, out, lse, mask, scale)
+        if sq == 1 or k.shape[1] == 1:
+            return self._plain.backward(dout, q, k, v, out, lse, mask, scale)
         band = cudnn_band(mask.lo, mask.hi, sq, k.shape[1])
         q, k, v, out, dout = (_operand(x) for x in (q, k, v, out, dout))
         stats = lse.float().contiguous()  # cuDNN reads Stats as a packed [b, hq, sq, 1]
