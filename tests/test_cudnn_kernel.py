@@ -256,7 +256,7 @@ def test_backward_graph_declares_ragged_offsets_on_every_tensor():
     import cudnn
 
     n, m, hq, hkv, d = 4, 64, 8, 2, 64
-    q_side, k_side = ragged(n, m, hq, d, 768, 64), ragged(n, m, hkv, d, 768, 64)
+    q_side, k_side = ragged(n, m, hq, d, hq * d, d), ragged(n, m, hkv, d, hkv * d, d)
     spec = BackwardSpec(torch.float16, q_side, k_side, k_side, q_side, q_side,
                         ragged(n, m, hq, 1, hq, 1), ragged(n, m, hq, d, hq * d, d),
                         ragged(n, m, hkv, d, hkv * d, d), ragged(n, m, hkv, d, hkv * d, d),
@@ -265,9 +265,12 @@ def test_backward_graph_declares_ragged_offsets_on_every_tensor():
     (node,) = graph.nodes
     assert node.params["use_padding_mask"] is True and node.params["diagonal_band_right_bound"] == 0
     assert (node.params["max_total_seq_len_q"], node.params["max_total_seq_len_kv"]) == (128, 128)
-    for role in ("q", "k", "v", "o", "d_o", "stats", "dq", "dk", "dv"):
-        assert tensors[role].ragged_offset is tensors[f"{role}_offsets"], role
-        assert tuple(tensors[f"{role}_offsets"].dim) == (n + 1, 1, 1, 1)
+    # paired as TransformerEngine's THD graphs pair them
+    shared = {"q": "q", "dq": "q", "k": "k", "dk": "k", "v": "v", "dv": "v", "o": "o",
+              "d_o": "o", "stats": "stats"}  # fmt: skip
+    for role, owner in shared.items():
+        assert tensors[role].ragged_offset is tensors[f"{owner}_offsets"], role
+        assert tuple(tensors[f"{owner}_offsets"].dim) == (n + 1, 1, 1, 1)
     assert tuple(tensors["q_lens"].dim) == (n, 1, 1, 1)
     assert tuple(tensors["stats"].stride) == (m * hq, 1, hq, 1)  # token-major, as TE's
 

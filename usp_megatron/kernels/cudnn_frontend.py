@@ -21,11 +21,15 @@ Masks (``mask.BlockMask``, rows counted from the block's top-left corner):
   :func:`ragged_batch`. Rows outside every segment are never touched: their output
   stays 0, their log-sum-exp -inf and their gradients 0.
 
-Graphs are built once per device, dtype, shapes, strides (inputs are used in place, head
-slices and row slices included), mask and scale, and kept in a bounded LRU; one cuDNN
-handle per device runs on torch's current stream; workspaces come from torch's
-allocator. A block of one query row or one key goes to the plain-torch kernel (cuDNN's
-backward refuses ``s_q = s_kv = 1``, and PyTorch keeps sequence length 1 off cuDNN:
+Graphs are built once per device, dtype, shapes, strides, mask and scale, and kept in a
+bounded LRU; inputs are read in place (head slices and row slices included), except in the
+packed-documents backward, which reads q/dq, k/dk, v/dv and o/dO each pair in one packed
+layout with shared ragged offsets, the way TransformerEngine runs its THD graphs (strided
+inputs are copied there). One cuDNN handle per device runs on torch's current stream;
+workspaces come from torch's allocator.
+
+A block of one query row or one key goes to the plain-torch kernel (cuDNN's backward
+refuses ``s_q = s_kv = 1``, and PyTorch keeps sequence length 1 off cuDNN:
 pytorch/pytorch#138529); it costs a few kernel launches.
 """
 
@@ -243,6 +247,10 @@ class BackwardSpec(NamedTuple):
 
 _INPUTS_FORWARD = ("q", "k", "v")
 _INPUTS_BACKWARD = ("q", "k", "v", "o", "d_o")
+#: Whose ragged offsets each backward tensor reads: a gradient shares its input's, dO
+#: shares O's (TransformerEngine's THD graphs: one layout per pair).
+_OFFSETS_OF = {"q": "q", "k": "k", "v": "v", "o": "o", "stats": "stats", "d_o": "o",
+               "dq": "q", "dk": "k", "dv": "v"}  # fmt: skip
 
 
 def _new_graph(cudnn: Any, dtype: torch.dtype, handle: Any) -> tuple[Any, Any]:
@@ -332,10 +340,9 @@ def declare_backward(cudnn: Any, spec: BackwardSpec, handle: Any = None) -> tupl
     )  # fmt: skip
     args = _mask_args(cudnn, spec.band)
     if spec.ragged:
-        roles = (*_INPUTS_BACKWARD, "stats", "dq", "dk", "dv")
-        tensors.update(_ragged_inputs(cudnn, graph, spec.q.dim[0], roles))
+        tensors.update(_ragged_inputs(cudnn, graph, spec.q.dim[0], ("q", "k", "v", "o", "stats")))
         for role in (*_INPUTS_BACKWARD, "stats"):
-            tensors[role].set_ragged_offset(tensors[f"{role}_offsets"])
+            tensors[role].set_ragged_offset(tensors[f"{_OFFSETS_OF[role]}_offsets"])
         args.update(_padding_args(tensors))
         args.update(max_total_seq_len_q=spec.max_rows[0], max_total_seq_len_kv=spec.max_rows[1])
     grads = graph.sdpa_backward(
@@ -343,7 +350,7 @@ def declare_backward(cudnn: Any, spec: BackwardSpec, handle: Any = None) -> tupl
         dO=tensors["d_o"], stats=tensors["stats"], attn_scale=spec.scale, **args,
     )  # fmt: skip
     for role, tensor, geometry in zip(("dq", "dk", "dv"), grads, (spec.dq, spec.dk, spec.dv)):
-        _output(tensor, geometry, io, tensors.get(f"{role}_offsets"))
+        _output(tensor, geometry, io, tensors.get(f"{_OFFSETS_OF[role]}_offsets"))
         tensors[role] = tensor
     return graph, tensors
 
@@ -367,8 +374,13 @@ class CompiledGraph:
         self.workspace = max(int(graph.get_workspace_size()), 1)
 
     def run(self, buffers: dict[str, Tensor]) -> None:
-        """Execute on torch's current stream; ``buffers``: a tensor per role."""
+        """Execute on torch's current stream of the graph's device; ``buffers``: a tensor
+        per role."""
         index = self.device_index
+        if torch.cuda.current_device() != index:
+            with torch.cuda.device(index):
+                self.run(buffers)
+            return
         handle = _handle(index)
         _frontend().set_stream(handle, torch.cuda.current_stream(index).cuda_stream)
         workspace = torch.empty(self.workspace, dtype=torch.uint8, device=self.device)
@@ -633,32 +645,27 @@ class CudnnFrontendKernel:
     ) -> Triple:  # fmt: skip
         _, sq, hq, d = q.shape
         sk, hkv = k.shape[1], k.shape[2]
-        q, k, v, out, dout = (_operand(x) for x in (q, k, v, out, dout))
+        # Each pair (q, dq), (k, dk), (v, dv), (o, dO) in one packed layout sharing ragged
+        # offsets, as TransformerEngine runs THD backward graphs (strided inputs are copied;
+        # the forward reads them in place).
+        q, k, v, out, dout = (_operand(x.contiguous()) for x in (q, k, v, out, dout))
         stats = lse[0].float().t().contiguous()  # token-major [sq, hq], as the forward wrote
         tensors = document_tensors(documents, q.device)
         batch = tensors.batch
         dq = torch.zeros(1, sq, hq, d, dtype=q.dtype, device=q.device)
         dk, dv = (torch.zeros(1, sk, hkv, d, dtype=q.dtype, device=q.device) for _ in range(2))
         n, mq, mk = batch.size, batch.max_q, batch.max_k
+        q_rows, kv_rows = ragged(n, mq, hq, d, hq * d, d), ragged(n, mk, hkv, d, hkv * d, d)
         spec = BackwardSpec(
-            q.dtype, ragged(n, mq, hq, d, q.stride(1), q.stride(2)),
-            ragged(n, mk, hkv, d, k.stride(1), k.stride(2)),
-            ragged(n, mk, hkv, d, v.stride(1), v.stride(2)),
-            ragged(n, mq, hq, d, out.stride(1), out.stride(2)),
-            ragged(n, mq, hq, d, dout.stride(1), dout.stride(2)), ragged(n, mq, hq, 1, hq, 1),
-            ragged(n, mq, hq, d, hq * d, d), ragged(n, mk, hkv, d, hkv * d, d),
-            ragged(n, mk, hkv, d, hkv * d, d), Band(None, 0 if documents.causal else None),
-            scale, True, (_round_up(max(sq, mq), 64), _round_up(max(sk, mk), 64)),
+            q.dtype, q_rows, kv_rows, kv_rows, q_rows, q_rows, ragged(n, mq, hq, 1, hq, 1),
+            q_rows, kv_rows, kv_rows, Band(None, 0 if documents.causal else None), scale, True,
+            (_round_up(max(sq, mq), 64), _round_up(max(sk, mk), 64)),
         )  # fmt: skip
-        q_side = functools.partial(tensors.offsets, "q")
+        q_offsets, kv_offsets = tensors.offsets("q", hq * d), tensors.offsets("k", hkv * d)
         self._graphs.get(_device_index(q), spec).run(
             {"q": q, "k": k, "v": v, "o": out, "d_o": dout, "stats": stats,
              "dq": dq, "dk": dk, "dv": dv, "q_lens": tensors.q_lens, "k_lens": tensors.k_lens,
-             "q_offsets": q_side(q.stride(1)), "o_offsets": q_side(out.stride(1)),
-             "d_o_offsets": q_side(dout.stride(1)), "stats_offsets": q_side(hq),
-             "dq_offsets": q_side(hq * d), "k_offsets": tensors.offsets("k", k.stride(1)),
-             "v_offsets": tensors.offsets("k", v.stride(1)),
-             "dk_offsets": tensors.offsets("k", hkv * d),
-             "dv_offsets": tensors.offsets("k", hkv * d)}
+             "q_offsets": q_offsets, "o_offsets": q_offsets, "k_offsets": kv_offsets,
+             "v_offsets": kv_offsets, "stats_offsets": tensors.offsets("q", hq)}
         )  # fmt: skip
         return dq, dk, dv
