@@ -275,6 +275,89 @@ def test_backward_graph_declares_ragged_offsets_on_every_tensor():
     assert tuple(tensors["stats"].stride) == (m * hq, 1, hq, 1)  # token-major, as TE's
 
 
+def _recorded_calls(monkeypatch, calls):
+    """Run ``calls(kernel)`` with graphs that record (spec, buffers) instead of running."""
+    import usp_megatron.kernels.cudnn_frontend as frontend
+
+    recorded = []
+
+    class Recording:
+        def __init__(self, spec):
+            self.spec = spec
+
+        def run(self, buffers):
+            recorded.append((self.spec, buffers))
+
+    monkeypatch.setattr(frontend._GraphCache, "get", lambda self, index, spec: Recording(spec))
+    monkeypatch.setattr(frontend, "_device_index", lambda x: 0)
+    calls(CudnnFrontendKernel())
+    return recorded
+
+
+def _blocks(kernel):
+    """A banded block and a packed-documents block, as the all-to-all hands them over
+    (head slices of one sequence-major buffer), forward and backward."""
+    qkv = torch.zeros(96, 1, 12, 64, dtype=torch.bfloat16).transpose(0, 1)
+    q, k, v = qkv[:, :, :8], qkv[:, :, 8:10], qkv[:, :, 10:12]
+    dout = torch.zeros(1, 96, 8, 64, dtype=torch.bfloat16)
+    documents = Documents((0, 40), (30, 56), (0, 40), (30, 56), causal=True)
+    for mask in (BlockMask(-20, 0), BlockMask(documents=documents)):
+        out, lse = kernel.forward(q, k, v, mask, 0.125)
+        kernel.backward(dout, q, k, v, out, lse, mask, 0.125)
+
+
+ROLES = {
+    (False, False): {"q", "k", "v", "o", "stats"},
+    (False, True): {"q", "k", "v", "o", "d_o", "stats", "dq", "dk", "dv"},
+}
+ROLES[True, False] = ROLES[False, False] | {"q_lens", "k_lens", "q_offsets", "k_offsets",
+                                            "v_offsets", "o_offsets", "stats_offsets"}  # fmt: skip
+ROLES[True, True] = ROLES[False, True] | ROLES[True, False] - ROLES[False, False]
+
+
+def test_every_call_binds_each_graph_tensor_to_a_buffer_of_its_geometry(monkeypatch):
+    """The per-call path on CPU (graphs recorded, not run): every role of the graph gets a
+    buffer; dense buffers have the graph's [b, h, s, d] shape and strides; ragged ones the
+    graph's row and head strides, and their offsets are their rows times their row stride
+    (paired tensors sharing one)."""
+    recorded = _recorded_calls(monkeypatch, _blocks)
+    assert len(recorded) == 4
+    for spec, buffers in recorded:
+        backward = isinstance(spec, BackwardSpec)
+        assert set(buffers) == ROLES[spec.ragged, backward], (spec.ragged, backward)
+        for role, buffer in buffers.items():
+            geometry = getattr(spec, role, None)
+            if not isinstance(geometry, Geometry):
+                continue
+            if not spec.ragged:
+                assert tuple(buffer.shape) == geometry.dim, role
+                assert all(st == want for st, want, n in zip(buffer.stride(), geometry.stride,
+                           geometry.dim) if n > 1), (role, buffer.stride(), geometry)  # fmt: skip
+            elif role != "stats":
+                assert (buffer.stride(1), buffer.stride(2)) == geometry.stride[2:0:-1], role
+        if spec.ragged:
+            batch = ragged_batch(Documents((0, 40), (30, 56), (0, 40), (30, 56), causal=True))
+            owner = {"q": "q", "k": "k", "v": "v", "o": "o"}
+            if backward:
+                owner.update(d_o="o", dq="q", dk="k", dv="v")
+            for role, offsets_of in owner.items():
+                rows = batch.k_rows if offsets_of in ("k", "v") else batch.q_rows
+                want = [r * buffers[role].stride(1) for r in rows]
+                assert buffers[f"{offsets_of}_offsets"].flatten().tolist() == want, role
+            stats_rows = [r * 8 for r in batch.q_rows]
+            assert buffers["stats_offsets"].flatten().tolist() == stats_rows
+
+
+@needs_frontend
+def test_recorded_calls_bind_exactly_the_declared_graph_tensors(monkeypatch):
+    import cudnn
+
+    for spec, buffers in _recorded_calls(monkeypatch, _blocks):
+        declare = declare_backward if isinstance(spec, BackwardSpec) else declare_forward
+        _, tensors = declare(cudnn, spec)
+        assert set(tensors) == set(buffers)
+
+
 # -- CPU: choosing the kernel --------------------------------------------------------------
 
 

@@ -484,6 +484,12 @@ def _empty_like_rows(x: Tensor, shape: tuple[int, int, int, int], zero: bool = F
     return make(shape, dtype=x.dtype, device=x.device)
 
 
+def _bhsd(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """``[b, s, h, d]`` tensors as the ``[b, h, s, d]`` views the graphs declare (the same
+    memory; the buffers then describe themselves as the graph does)."""
+    return tuple(x.transpose(1, 2) for x in tensors)
+
+
 def _device_index(x: Tensor) -> int:
     return x.device.index if x.device.index is not None else torch.cuda.current_device()
 
@@ -569,9 +575,8 @@ class CudnnFrontendKernel:
             bshd(v.shape, v.stride()), bshd(out.shape, out.stride()),
             Geometry((b, hq, sq, 1), (hq * sq, sq, 1, 1)), band, scale, False,
         )  # fmt: skip
-        self._graphs.get(_device_index(q), spec).run(
-            {"q": q, "k": k, "v": v, "o": out, "stats": lse}
-        )
+        buffers = dict(zip(("q", "k", "v", "o"), _bhsd(q, k, v, out)), stats=lse.unsqueeze(-1))
+        self._graphs.get(_device_index(q), spec).run(buffers)
         return out, lse
 
     def backward(
@@ -600,10 +605,9 @@ class CudnnFrontendKernel:
             Geometry((b, hq, sq, 1), (hq * sq, sq, 1, 1)),
             *(bshd(x.shape, x.stride()) for x in (dq, dk, dv)), band, scale, False, None,
         )  # fmt: skip
-        self._graphs.get(_device_index(q), spec).run(
-            {"q": q, "k": k, "v": v, "o": out, "d_o": dout, "stats": stats,
-             "dq": dq, "dk": dk, "dv": dv}
-        )  # fmt: skip
+        roles = ("q", "k", "v", "o", "d_o", "dq", "dk", "dv")
+        buffers = dict(zip(roles, _bhsd(q, k, v, out, dout, dq, dk, dv)), stats=stats.unsqueeze(-1))
+        self._graphs.get(_device_index(q), spec).run(buffers)
         return dq, dk, dv
 
     # -- packed documents ------------------------------------------------------------------
@@ -629,7 +633,7 @@ class CudnnFrontendKernel:
             True,
         )  # fmt: skip
         self._graphs.get(_device_index(q), spec).run(
-            {"q": q, "k": k, "v": v, "o": out, "stats": stats,
+            {"q": q, "k": k, "v": v, "o": out, "stats": stats.unsqueeze(-1),
              "q_lens": tensors.q_lens, "k_lens": tensors.k_lens,
              "q_offsets": tensors.offsets("q", q.stride(1)),
              "k_offsets": tensors.offsets("k", k.stride(1)),
@@ -663,7 +667,7 @@ class CudnnFrontendKernel:
         )  # fmt: skip
         q_offsets, kv_offsets = tensors.offsets("q", hq * d), tensors.offsets("k", hkv * d)
         self._graphs.get(_device_index(q), spec).run(
-            {"q": q, "k": k, "v": v, "o": out, "d_o": dout, "stats": stats,
+            {"q": q, "k": k, "v": v, "o": out, "d_o": dout, "stats": stats.unsqueeze(-1),
              "dq": dq, "dk": dk, "dv": dv, "q_lens": tensors.q_lens, "k_lens": tensors.k_lens,
              "q_offsets": q_offsets, "o_offsets": q_offsets, "k_offsets": kv_offsets,
              "v_offsets": kv_offsets, "stats_offsets": tensors.offsets("q", hq)}
