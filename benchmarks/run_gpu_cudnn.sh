@@ -7,9 +7,9 @@
 #    Python; git-ignored, carried by hand) offline into /tmp/site;
 # 2. prints the versions: torch, CUDA, cuDNN (torch's and the frontend's backend), the
 #    frontend, the GPU;
-# 3. runs the kernel's GPU tests (pytest -m gpu: tests/test_cudnn_kernel.py,
-#    tests/test_cudnn_usp.py, and the cudnn cases of tests/test_kernels.py; no
-#    megatron-core needed), within TESTS_TIMEOUT_S (default 250);
+# 3. runs the kernel's GPU tests (pytest -m gpu: tests/test_cudnn_kernel.py, the cudnn
+#    cases of tests/test_kernels.py, then tests/test_cudnn_usp.py; no megatron-core
+#    needed), within TESTS_TIMEOUT_S (default 250);
 # 4. runs benchmarks/bench_cudnn.py within BENCH_BUDGET_S (default 170) of measuring.
 #
 # Everything goes to OUT (default runs/gpu_cudnn): versions.txt, pytest_gpu.log,
@@ -56,9 +56,9 @@ EOF
 } 2>&1 | tee "$OUT/versions.txt"
 
 echo "== GPU tests of the cudnn kernel ($SECONDS s in)"
-timeout "${TESTS_TIMEOUT_S:-250}" python3 -m pytest -m gpu -q -rfE --durations=10 \
+timeout "${TESTS_TIMEOUT_S:-250}" python3 -m pytest -m gpu -v --tb=short -rfE --durations=10 \
   -p no:cacheprovider -k cudnn \
-  tests/test_cudnn_kernel.py tests/test_cudnn_usp.py tests/test_kernels.py \
+  tests/test_cudnn_kernel.py tests/test_kernels.py tests/test_cudnn_usp.py \
   2>&1 | tee "$OUT/pytest_gpu.log"
 ((PIPESTATUS[0] == 0)) || status=1
 
