@@ -284,12 +284,17 @@ def table(rows: list[Row], header: str) -> str:
 
 
 def versions(device: torch.device) -> dict[str, str]:
+    """torch, CUDA, and on a GPU its name, torch's cuDNN and the frontend's versions."""
     found = {"torch": torch.__version__, "cuda": str(torch.version.cuda)}
     if device.type == "cuda":
         from usp_megatron.kernels.cudnn_frontend import frontend_versions
 
-        found.update(gpu=torch.cuda.get_device_name(device), cudnn=frontend_versions(),
+        found.update(gpu=torch.cuda.get_device_name(device),
                      torch_cudnn=str(torch.backends.cudnn.version()))  # fmt: skip
+        try:
+            found["cudnn"] = frontend_versions()
+        except ImportError as error:
+            found["cudnn"] = f"no cuDNN frontend ({error})"
     return found
 
 
@@ -326,9 +331,12 @@ def main(argv: list[str] | None = None) -> None:
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                             world_size=1, timeout=timedelta(seconds=120))  # fmt: skip
     try:
-        bench = Bench(args)
-        found = versions(bench.device)
+        found = versions(torch.device(args.device))
         print("bench_cudnn:", json.dumps(found), flush=True)
+        try:
+            bench = Bench(args)
+        except ValueError as error:  # a kernel unavailable here: say which, measure nothing
+            raise SystemExit(f"bench_cudnn.py: {error}") from None
         for tokens in args.seqlens[:-1]:
             dense_and_window(bench, tokens)
         packed(bench)

@@ -157,6 +157,7 @@ def ragged_batch(documents: Documents) -> RaggedBatch:
 
 
 def frontend_importable() -> bool:
+    """Whether the cuDNN frontend package is installed (without importing it)."""
     return importlib.util.find_spec("cudnn") is not None
 
 
@@ -457,6 +458,8 @@ class DocumentTensors:
 
 @functools.lru_cache(maxsize=DOCUMENTS_CACHE_SIZE)
 def document_tensors(documents: Documents, device: torch.device) -> DocumentTensors:
+    """The :class:`DocumentTensors` of ``documents`` on ``device``, made once (the layout
+    hands every layer the same ``Documents``)."""
     return DocumentTensors(documents, device)
 
 
@@ -474,14 +477,13 @@ def _operand(x: Tensor) -> Tensor:
     return x if aligned and x.stride(-1) == 1 else x.contiguous()
 
 
-def _empty_like_rows(x: Tensor, shape: tuple[int, int, int, int], zero: bool = False) -> Tensor:
+def _empty_like_rows(x: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
     """A new ``[b, s, h, d]`` tensor laid out batch-inner like ``x`` when ``x`` is
     (what the all-to-all sends without a copy), else contiguous."""
-    make = torch.zeros if zero else torch.empty
     if shape[0] > 1 and x.stride(0) < x.stride(1):
         b, s, h, d = shape
-        return make(s, b, h, d, dtype=x.dtype, device=x.device).transpose(0, 1)
-    return make(shape, dtype=x.dtype, device=x.device)
+        return torch.empty(s, b, h, d, dtype=x.dtype, device=x.device).transpose(0, 1)
+    return torch.empty(shape, dtype=x.dtype, device=x.device)
 
 
 def _bhsd(*tensors: Tensor) -> tuple[Tensor, ...]:
@@ -499,8 +501,8 @@ _support_warned = False
 
 @functools.cache
 def _supported(device_index: int, dtype: torch.dtype) -> bool:
-    """Build (and run) a small dense, banded and ragged graph pair once: whether this
-    frontend and cuDNN backend serve this device; warns once when they do not."""
+    """Build and run a small banded and a small ragged forward and backward once: whether
+    this frontend and cuDNN backend serve this device; warns once when they do not."""
     global _support_warned
     try:
         _check_kernel_runs(device_index, dtype)
