@@ -29,7 +29,7 @@ from attnbench.sweep import Sweep, plan_methods  # noqa: E402
 from attnbench.world import join_world  # noqa: E402
 
 from usp_megatron.kernels import BACKENDS  # noqa: E402
-from usp_megatron.layout import RING_IMPLS  # noqa: E402
+from usp_megatron.layout import LAYOUT_NAMES  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd")
     p.add_argument("--configs", default=None, help="UxR list (default: every factorisation of N)")
-    p.add_argument("--impls", default=",".join(RING_IMPLS), help="ring impls (ours and YunChang)")
+    p.add_argument("--impls", default=",".join(LAYOUT_NAMES), help="ring impls (ours and YunChang)")
     p.add_argument(
         "--backends",
         default=None,
@@ -125,7 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a.kv_heads = configs.kv_head_counts(a.heads, a.gqa)
         for flag, values, allowed in (
             ("--modes", a.modes, configs.MODES),
-            ("--impls", a.impls, RING_IMPLS),
+            ("--impls", a.impls, LAYOUT_NAMES),
             ("--backends", a.backends, BACKENDS),
             ("--peers", a.peers, ("torch_cp", "yunchang")),
             ("--torch-cp-backends", a.torch_cp_backends, sdpa_names),

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from usp_megatron import LongContextAttention, init_usp_groups  # noqa: E402
 from usp_megatron.kernels import get_kernel  # noqa: E402
-from usp_megatron.layout import packed_layout  # noqa: E402
+from usp_megatron.layout import get_layout  # noqa: E402
 from usp_megatron.mask import CAUSAL, BlockMask, Documents  # noqa: E402
 from usp_megatron.testing import free_port  # noqa: E402
 
@@ -226,7 +226,7 @@ def usp_overhead(bench: Bench) -> None:
         q, k, v, dout = bench.inputs(tokens, args.heads)
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
         cu = torch.arange(0, tokens + 1, tokens // args.equal_docs, dtype=torch.int32)
-        layout = packed_layout("zigzag", 1, 1, cu, cu)
+        layout = get_layout("zigzag", 1, 1).packed(cu, cu)
         cases = {
             "dense causal": (CAUSAL, {}),
             f"window {args.window}": (

@@ -68,7 +68,7 @@ def make_qkv(seq_len: int, heads: int, head_dim: int) -> list[torch.Tensor]:
 
 def overhead(args: argparse.Namespace) -> list[dict]:
     groups = init_usp_groups(1, 1)
-    attn = LongContextAttention(groups, ring_impl="zigzag", backend="torch_cudnn")
+    attn = LongContextAttention(groups, layout="zigzag", backend="torch_cudnn")
     rows = []
     for seq_len in (2048, 4096, 8192):
         q, k, v = make_qkv(seq_len, 16, 128)
@@ -97,7 +97,7 @@ def overhead(args: argparse.Namespace) -> list[dict]:
 
 
 def window(args: argparse.Namespace) -> list[dict]:
-    from usp_megatron.layout import RING_IMPLS, get_layout
+    from usp_megatron.layout import LAYOUT_NAMES, get_layout
 
     groups = init_usp_groups(1, 1)
     rows = []
@@ -118,7 +118,7 @@ def window(args: argparse.Namespace) -> list[dict]:
             rows.append(dict(part="one GPU", seq_len=seq_len, method=name, ms=ms,
                              tflops=flops / ms / 1e9))  # fmt: skip
         del q, k, v, dout
-        for impl in RING_IMPLS:
+        for impl in LAYOUT_NAMES:
             for ring in (4, 8):
                 layout = get_layout(impl, 1, ring)
                 block = seq_len // ring

@@ -22,7 +22,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ulysses-degree", type=int, default=2)
     parser.add_argument("--ring-degree", type=int, default=2)
-    parser.add_argument("--ring-impl", default="zigzag", choices=um.RING_IMPLS)
+    parser.add_argument("--layout", default="zigzag", choices=um.LAYOUT_NAMES)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=2)
@@ -40,7 +40,7 @@ def main() -> int:
     dtype = torch.bfloat16 if cuda else torch.float32
 
     groups = um.init_usp_groups(args.ulysses_degree, args.ring_degree)
-    attn = um.LongContextAttention(groups, ring_impl=args.ring_impl)
+    attn = um.LongContextAttention(groups, layout=args.layout)
 
     gen = torch.Generator().manual_seed(0)  # the same full problem on every rank
     shape_q = (1, args.seq_len, args.heads, args.head_dim)
@@ -48,10 +48,10 @@ def main() -> int:
     q = torch.randn(shape_q, generator=gen).to(device, dtype)
     k, v = (torch.randn(shape_kv, generator=gen).to(device, dtype) for _ in range(2))
 
-    local = [um.shard_sequence(t, 1, groups, args.ring_impl).requires_grad_() for t in (q, k, v)]
+    local = [attn.shard(t).requires_grad_() for t in (q, k, v)]
     out = attn(*local, causal=True)
     out.float().square().sum().backward()  # the loss of the whole sequence is the sum over ranks
-    full_out = um.gather_sequence(out.detach(), 1, groups, args.ring_impl)
+    full_out = attn.gather(out.detach())
 
     full = [t.float().requires_grad_() for t in (q, k, v)]
     group = args.heads // args.kv_heads
@@ -66,7 +66,7 @@ def main() -> int:
     errors = {"out": _relative_error(full_out, expected.detach())}
     for name, mine, theirs in zip(("dq", "dk", "dv"), local, full, strict=True):
         # Each rank compares its own shard; the world's verdict is the worst rank's.
-        theirs_local = um.shard_sequence(theirs.grad, 1, groups, args.ring_impl)
+        theirs_local = attn.shard(theirs.grad)
         errors[name] = _relative_error(mine.grad, theirs_local)
     worst = torch.tensor(list(errors.values()), dtype=torch.float64, device=device)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
@@ -75,7 +75,7 @@ def main() -> int:
     if dist.get_rank() == 0:
         found = ", ".join(f"{n} {e:.2e}" for n, e in zip(errors, worst.tolist(), strict=True))
         print(
-            f"USP U={args.ulysses_degree} x R={args.ring_degree} ({args.ring_impl}, "
+            f"USP U={args.ulysses_degree} x R={args.ring_degree} ({args.layout}, "
             f"kernel {um.get_kernel('auto', device, dtype).name}, {dtype}): "
             f"{args.seq_len} tokens, {args.seq_len // groups.cp_size} per rank; relative error "
             f"vs one-rank attention: {found} -> {'ok' if ok else 'MISMATCH'} (rtol {rtol:g})"

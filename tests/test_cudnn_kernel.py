@@ -34,7 +34,7 @@ from usp_megatron.kernels.cudnn_frontend import (
     ragged_batch,
 )
 from usp_megatron.kernels.reference import ReferenceKernel
-from usp_megatron.layout import RING_IMPLS, get_layout, packed_layout
+from usp_megatron.layout import LAYOUT_NAMES, get_layout
 from usp_megatron.mask import CAUSAL, FULL, BlockMask, Documents
 
 # -- what cuDNN computes, as the frontend's test reference (test/python/test_mhas.py) says --
@@ -79,7 +79,7 @@ def _windows(seq_len: int) -> list[tuple[tuple[int, int], bool]]:
     return [(w, causal) for w in windows for causal in (True, False)]
 
 
-@pytest.mark.parametrize("impl", RING_IMPLS)
+@pytest.mark.parametrize("impl", LAYOUT_NAMES)
 def test_band_of_every_layout_task_sees_what_the_mask_sees(impl):
     kinds = set()
     for (ulysses, ring), per_rank in itertools.product(DEGREES, (8, 12)):
@@ -128,7 +128,7 @@ def _packed(ulysses, ring, real):
     padded = [max(2 * cp, -(-n // (2 * cp)) * 2 * cp) for n in real]
     cu = torch.tensor([0, *itertools.accumulate(real)])
     cu_padded = torch.tensor([0, *itertools.accumulate(padded)])
-    return packed_layout("zigzag", ulysses, ring, cu_padded, cu), int(cu_padded[-1])
+    return get_layout("zigzag", ulysses, ring).packed(cu_padded, cu), int(cu_padded[-1])
 
 
 @pytest.mark.parametrize("ulysses,ring", [(1, 1), (1, 2), (2, 2), (1, 4), (2, 3)])
@@ -522,7 +522,7 @@ def test_gpu_dense_and_banded_blocks(case, layout):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", RING_IMPLS)
+@pytest.mark.parametrize("impl", LAYOUT_NAMES)
 @pytest.mark.parametrize("window,causal", [((300, 0), True), ((90, 0), True), ((120, 70), False)])
 def test_gpu_every_banded_task_of_a_ring(impl, window, causal):
     """Every block task of a 4-rank ring with a window (row and key slices of the ring

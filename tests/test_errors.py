@@ -18,7 +18,7 @@ EXPECTED = {
     "dtype mismatch": "dtypes differ",
     "shape mismatch": "must match q in batch, sequence",
     "not 4-D": "must be \\[b, s_local, heads, head_dim\\]",
-    "unknown impl": "ring_impl must be one of \\('basic', 'zigzag', 'stripe'\\), got 'spiral'",
+    "unknown impl": "layout must be one of \\('basic', 'zigzag', 'stripe'\\), got 'spiral'",
     "layout vs ring_impl": "layout='stripe' and ring_impl='basic' disagree",
     "layout of other degrees": "is for ulysses degree 4 x ring degree 1, but the groups are 2 x 2",
     "stripe shard, zigzag attention": "differs from the module's ZigzagLayout",

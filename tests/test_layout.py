@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from usp_megatron.layout import RING_IMPLS, get_layout, local_positions, ring_block_positions
+from usp_megatron.layout import LAYOUT_NAMES, get_layout, local_positions
 
 DEGREES = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 2), (2, 4), (8, 1), (1, 8), (3, 2)]
 
 
-@pytest.mark.parametrize("impl", RING_IMPLS)
+@pytest.mark.parametrize("impl", LAYOUT_NAMES)
 @pytest.mark.parametrize("ulysses,ring", DEGREES)
 def test_local_positions_partition_the_sequence(impl, ulysses, ring):
     seq_len = 2 * ulysses * ring * 3
@@ -37,16 +37,16 @@ def test_zigzag_is_megatron_context_parallel_split(ulysses, ring):
 def test_ring_blocks(ulysses, ring):
     seq_len = 2 * ulysses * ring * 2
     for r in range(ring):
-        stripe = ring_block_positions(seq_len, ulysses, ring, r, "stripe")
+        stripe = get_layout("stripe", ulysses, ring).ring_block_positions(seq_len, r)
         assert torch.equal(stripe, torch.arange(r, seq_len, ring))
-        basic = ring_block_positions(seq_len, ulysses, ring, r, "basic")
+        basic = get_layout("basic", ulysses, ring).ring_block_positions(seq_len, r)
         assert torch.equal(basic, torch.arange(seq_len).view(ring, -1)[r])
-        zigzag = ring_block_positions(seq_len, ulysses, ring, r, "zigzag")
+        zigzag = get_layout("zigzag", ulysses, ring).ring_block_positions(seq_len, r)
         chunks = torch.arange(seq_len).view(2 * ring, -1)
         assert torch.equal(zigzag, torch.cat([chunks[r], chunks[2 * ring - 1 - r]]))
 
 
-@pytest.mark.parametrize("impl", RING_IMPLS)
+@pytest.mark.parametrize("impl", LAYOUT_NAMES)
 @pytest.mark.parametrize("ulysses,ring", DEGREES)
 def test_gather_piece_order_sorts_every_ring_block(impl, ulysses, ring):
     """The reorder after the all-to-all yields the ring block in position order."""
@@ -61,7 +61,7 @@ def test_gather_piece_order_sorts_every_ring_block(impl, ulysses, ring):
             for piece in local_positions(seq_len, ulysses, ring, u, r, impl).chunk(k)
         ]
         reordered = torch.cat([pieces[i] for i in order])
-        assert torch.equal(reordered, ring_block_positions(seq_len, ulysses, ring, r, impl))
+        assert torch.equal(reordered, layout.ring_block_positions(seq_len, r))
 
 
 def test_zigzag_piece_order_matches_design():
@@ -75,7 +75,7 @@ def test_zigzag_piece_order_matches_design():
     [
         ((12, 2, 2, 0, 0, "zigzag"), "multiple of 2 \\* U \\* R = 8"),
         ((10, 2, 2, 0, 0, "stripe"), "multiple of U \\* R = 4"),
-        ((8, 2, 2, 0, 0, "spiral"), "ring_impl must be one of"),
+        ((8, 2, 2, 0, 0, "spiral"), "layout must be one of"),
         ((8, 0, 2, 0, 0, "basic"), "ulysses_degree must be an integer >= 1"),
         ((8, 2, 2, 2, 0, "basic"), "ulysses_rank 2 not in"),
     ],
@@ -100,7 +100,7 @@ def _visible_from_tasks(tasks, block_len):
     return seen
 
 
-@pytest.mark.parametrize("impl", RING_IMPLS)
+@pytest.mark.parametrize("impl", LAYOUT_NAMES)
 @pytest.mark.parametrize("ulysses,ring", [(1, 1), (1, 2), (2, 2), (1, 4), (2, 3)])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("window", [None, *WINDOWS])

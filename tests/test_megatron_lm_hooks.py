@@ -14,6 +14,7 @@ from helpers.megatron_args import parse
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
+from usp_megatron.layout import get_layout
 from usp_megatron.megatron.megatron_lm import (
     with_usp_args,
     wrap_core_attention,
@@ -69,7 +70,7 @@ def test_spec_provider_hook_answers_usp_only_when_enabled():
     assert hooked(LocalSpecProvider()) is DotProductAttention
     args.usp_ulysses_degree, args.usp_ring_impl = 2, "basic"
     core = hooked(LocalSpecProvider())
-    assert core == USPCoreAttention(ring_impl="basic", rope_sliced_for_layout=True)
+    assert core == USPCoreAttention(get_layout("basic", 2, 1), rope_sliced_for_layout=True)
 
 
 def _megatron_lm_training(tag: str, args: argparse.Namespace) -> dict[str, types.ModuleType]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import pytest
 from megatron.core.models.backends import LocalSpecProvider
@@ -17,8 +18,9 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from usp_megatron import checks
 from usp_megatron.megatron import get_gpt_layer_usp_spec, with_usp_attention
-from usp_megatron.megatron.specs import USPCoreAttention
+from usp_megatron.megatron.specs import USPCoreAttention, usp_core_attention
 
 
 def _core_attentions(spec) -> list:
@@ -46,11 +48,11 @@ def _by_value(node):
 def test_usp_spec_swaps_only_core_attention():
     options = dict(normalization="RMSNorm", qk_layernorm=True)
     local = get_gpt_layer_local_spec(**options)
-    usp = get_gpt_layer_usp_spec(ring_impl="stripe", backend="reference", **options)
+    usp = get_gpt_layer_usp_spec(layout="stripe", backend="reference", **options)
     (core,) = _core_attentions(usp)
-    assert core == USPCoreAttention(ring_impl="stripe", backend="reference")
+    assert core == USPCoreAttention(layout="stripe", backend="reference")
     assert _by_value(usp) == _by_value(local)  # the same modules and arguments elsewhere
-    swapped = with_usp_attention(local, ring_impl="stripe", backend="reference")
+    swapped = with_usp_attention(local, layout="stripe", backend="reference")
     assert _core_attentions(local) == [DotProductAttention]  # the original is untouched
     attn, local_attn = swapped.submodules.self_attention, local.submodules.self_attention
     assert attn.submodules.linear_qkv is local_attn.submodules.linear_qkv
@@ -86,8 +88,19 @@ def test_mla_spec_is_refused():
         with_usp_attention(get_gpt_layer_local_spec(multi_latent_attention=True))
 
 
-def test_bad_ring_impl_or_backend_in_spec():
-    with pytest.raises(ValueError, match="ring_impl"):
-        get_gpt_layer_usp_spec(ring_impl="spiral")
+def test_bad_layout_or_backend_in_spec():
+    with pytest.raises(ValueError, match="layout must be one of"):
+        get_gpt_layer_usp_spec(layout="spiral")
     with pytest.raises(ValueError, match="backend"):
         get_gpt_layer_usp_spec(backend="cuda_magic")
+
+
+def test_old_ring_impl_keyword_warns_once_and_names_the_new_one(monkeypatch):
+    monkeypatch.setattr(checks, "_RENAMES_SAID", set())
+    with pytest.warns(FutureWarning, match="ring_impl= is now layout="):
+        assert usp_core_attention(ring_impl="stripe") == USPCoreAttention(layout="stripe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per process, not on every call
+        assert usp_core_attention(ring_impl="basic") == USPCoreAttention(layout="basic")
+    with pytest.raises(ValueError, match="layout='basic' and ring_impl='stripe' disagree"):
+        usp_core_attention("basic", ring_impl="stripe")

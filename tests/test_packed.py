@@ -8,7 +8,7 @@ from helpers.worlds import failed_cases
 from workers.packed_cases import cumulative, padded_lengths, run_packed_cases
 
 from usp_megatron import local_positions
-from usp_megatron.layout import packed_layout
+from usp_megatron.layout import get_layout
 from usp_megatron.testing import run_distributed
 
 DEGREES = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (1, 4), (2, 3)]
@@ -19,7 +19,7 @@ def _layout(ulysses, ring, real):
     cp = ulysses * ring
     cu = torch.tensor(cumulative(real), dtype=torch.int32)
     cu_padded = torch.tensor(cumulative(padded_lengths(real, cp)), dtype=torch.int32)
-    return packed_layout("zigzag", ulysses, ring, cu_padded, cu), cu_padded
+    return get_layout("zigzag", ulysses, ring).packed(cu_padded, cu), cu_padded
 
 
 @pytest.mark.parametrize("real", REAL_LENGTHS)
@@ -39,7 +39,7 @@ def test_positions_are_megatron_thd_split_and_partition(ulysses, ring, real):
         block = layout.ring_block_positions(seq_len, r)
         shards = torch.cat([layout.positions(seq_len, u, r) for u in range(ulysses)])
         reordered = torch.empty_like(shards)
-        reordered[layout.staging_rows] = shards
+        reordered[layout.ulysses_placement.rows] = shards
         assert torch.equal(reordered, block)
 
 
@@ -84,8 +84,8 @@ def test_short_documents_end_the_ring_early():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(ring_impl="stripe"), "need ring_impl='zigzag', got 'stripe'"),
-        (dict(ring_impl="basic"), "need ring_impl='zigzag', got 'basic'"),
+        (dict(layout="stripe"), "need the zigzag layout, got 'stripe'"),
+        (dict(layout="basic"), "need the zigzag layout, got 'basic'"),
         (dict(padded=[0, 8, 12]), "padded length 4 .* multiple of 2 \\* U \\* R = 8"),
         (dict(padded=[1, 8]), "must start at 0"),
         (dict(padded=[0, 16, 8]), "non-decreasing"),
@@ -98,7 +98,7 @@ def test_packed_layout_errors(kwargs, message):
     padded = torch.tensor(kwargs.get("padded", [0, 8, 16]))
     real = torch.tensor(kwargs.get("real", [0, 3, 9]))
     with pytest.raises(ValueError, match=message):
-        packed_layout(kwargs.get("ring_impl", "zigzag"), 2, 2, padded, real)
+        get_layout(kwargs.get("layout", "zigzag"), 2, 2).packed(padded, real)
 
 
 def test_packed_windows_refused():

@@ -65,7 +65,7 @@ def test_batch_with_cu_seqlens_is_split_as_thd():
 
 
 def test_thd_batch_split_refuses_stripe():
-    with pytest.raises(ValueError, match="need ring_impl='zigzag', got 'stripe'"):
+    with pytest.raises(ValueError, match="need the zigzag layout, got 'stripe'"):
         get_thd_batch_on_this_usp_rank(
             _batch(PADDED[-1]), torch.tensor(REAL), torch.tensor(PADDED), 32, "stripe",
             _groups(2, 1, 0),
@@ -119,7 +119,7 @@ def test_vectorised_packed_rope_equals_megatrons_per_document_loop(ulysses, ring
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_thd
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    from usp_megatron.megatron.rope import apply_rotary_pos_emb_usp
+    from usp_megatron.megatron.packed_rope import apply_rotary_pos_emb_usp
 
     cp, dim = ulysses * ring, 8
     padded = torch.tensor(PADDED, dtype=torch.int32)
@@ -154,23 +154,43 @@ def test_packed_layout_is_built_once_per_batch(monkeypatch):
     """The batch split reads the boundaries on the host once and attaches the layout; a
     layer (and RoPE) then finds it without reading them again; another rank's split of the
     same tensor gets its own rows."""
+    from usp_megatron.layout import ZigzagLayout, get_layout
     from usp_megatron.megatron import packed_batch
 
     builds = []
-    real_build = packed_batch.packed_layout
+    real_build = ZigzagLayout.packed
     monkeypatch.setattr(
-        packed_batch, "packed_layout", lambda *a, **k: builds.append(1) or real_build(*a, **k)
+        ZigzagLayout, "packed", lambda *a, **k: builds.append(1) or real_build(*a, **k)
     )
     padded, real = torch.tensor(PADDED, dtype=torch.int32), torch.tensor(REAL, dtype=torch.int32)
-    groups = _groups(2, 2, 1)
+    groups, zigzag = _groups(2, 2, 1), get_layout("zigzag", 2, 2)
     _, params = get_thd_batch_on_this_usp_rank(_batch(PADDED[-1]), real, padded, 32, groups=groups)
     for _ in range(24):  # every layer asks
         found = packed_batch.attach_packed_batch(
-            params.cu_seqlens_q_padded, params.cu_seqlens_q, "zigzag", groups
+            params.cu_seqlens_q_padded, params.cu_seqlens_q, zigzag, groups
         )
     assert len(builds) == 1 and found is packed_batch.packed_batch_of(padded)
-    other = packed_batch.attach_packed_batch(padded, real, "zigzag", _groups(2, 2, 2))
+    other = packed_batch.attach_packed_batch(padded, real, zigzag, _groups(2, 2, 2))
     assert len(builds) == 2 and (other.ulysses_rank, other.ring_rank) == (0, 1)
+
+
+def test_boundaries_refilled_in_place_get_a_new_layout():
+    """A boundaries tensor refilled in place with another batch's documents (its version
+    counter moves) gets the layout of the new documents, not the attached old one."""
+    from usp_megatron.layout import get_layout
+    from usp_megatron.megatron import packed_batch
+
+    groups, zigzag = _groups(2, 2, 1), get_layout("zigzag", 2, 2)
+    padded, real = torch.tensor(PADDED, dtype=torch.int32), torch.tensor(REAL, dtype=torch.int32)
+    first = packed_batch.attach_packed_batch(padded, real, zigzag, groups)
+    assert packed_batch.attach_packed_batch(padded, real, zigzag, groups) is first
+    padded.copy_(torch.tensor([0, 8, 32, 48, 64]))
+    real.copy_(torch.tensor([0, 5, 29, 45, 60]))
+    second = packed_batch.attach_packed_batch(padded, real, zigzag, groups)
+    assert second is not first and second.layout.cu_seqlens_padded == (0, 8, 32, 48, 64)
+    real[1] = 7  # the real boundaries alone refilled
+    third = packed_batch.attach_packed_batch(padded, real, zigzag, groups)
+    assert third.layout.cu_seqlens == (0, 7, 29, 45, 60)
 
 
 def test_megatron_lm_thd_hook_routes_to_usp_when_enabled():

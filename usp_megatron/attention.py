@@ -1,135 +1,96 @@
 """``LongContextAttention``: Ulysses all-to-all around ring attention.
 
-Each of the ``U x R`` ranks holds ``s_local = S / (U R)`` tokens (its layout's positions)
-and all heads. The all-to-all over the ulysses group trades heads for sequence, so each
-rank holds ``hq / U`` heads of its ring block (``S / R`` tokens); ring attention over the
-ring group computes those heads over the whole sequence; the all-to-all back restores
-the local shard with all heads. When ``U`` does not divide ``hq``, ulysses ranks hold
-different numbers of heads (``heads.HeadSplit``).
+Each of the ``U x R`` ranks holds ``s = S / (U R)`` tokens (its layout's positions) and all
+heads. The all-to-all over the ulysses group trades heads for sequence, so each rank holds
+``h_u`` of the heads (``h / U`` when ``U`` divides them; ``heads.HeadSplit``) over its ring
+block (``U*s = S / R`` tokens); ring attention over the ring group computes those heads
+over the whole sequence; the all-to-all back restores the local shard with all heads.
 
-The layout object is what every step asks: dense layouts and packed documents go through
-the same pipeline (the layout says how the all-to-all moves its pieces and which block
-pairs the ring computes).
+One forward decides everything (groups, layout, kernel, mask, head split) into an
+``AttentionCall`` that the all-to-all, the ring and the backward share; dense layouts and
+packed documents go through the same pipeline (the layout says how the all-to-all places
+its pieces and which block pairs the ring computes).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import nn
 
-from usp_megatron.checks import check_positive_int, check_window
+from usp_megatron.call import AttentionCall
+from usp_megatron.checks import check_positive_int, check_window, renamed_keyword
 from usp_megatron.comm import heads_to_seq_start, seq_to_heads_start, split_heads
 from usp_megatron.groups import USPGroups
 from usp_megatron.heads import HeadSplit, head_split
 from usp_megatron.kernels import AttentionKernel, check_backend, get_kernel
-from usp_megatron.layout import (
-    LayoutArg,
-    PackedZigzagLayout,
-    SequenceLayout,
-    packed_layout,
-    resolve_layout,
-)
-from usp_megatron.ring import ring_attention, ring_backward, ring_forward
+from usp_megatron.layout import LayoutArg, SequenceLayout, resolve_layout
+from usp_megatron.ring import RingInputs, ring_attention, ring_backward, ring_forward
 from usp_megatron.sharding import gather_sequence, shard_sequence
-
-
-class _RingInputs(NamedTuple):
-    """What one head chunk's ring pass saves for its backward (ring-block layout)."""
-
-    q: torch.Tensor  # [b, S/R, hq_u/chunks, d], hq_u: this ulysses rank's query heads
-    k: torch.Tensor  # [b, S/R, hkv_u/chunks, d]
-    v: torch.Tensor
-    out: torch.Tensor  # sequence-major, the layout dout arrives in
-    lse: torch.Tensor  # [b, hq_u/chunks, S/R]
 
 
 class _UlyssesRingFunction(torch.autograd.Function):
     """All-to-all in, ring attention, all-to-all out; the backward mirrors it.
 
-    Forward, for each of ``chunks`` slices of the heads (all all-to-alls are started up
-    front, so chunk ``c + 1`` travels while chunk ``c`` computes):
+    Forward, for each of ``call.head_chunks`` slices of the heads (all all-to-alls are
+    started up front, so chunk ``c + 1`` travels while chunk ``c`` computes):
 
-    1. ``seq_to_heads``: this rank's ``[b, s_local, h, d]`` shard of q, k, v becomes
-       ``[b, S/R, h_u, d]``: the ``h_u`` heads of ulysses rank ``u`` (``HeadSplit``; ``h/U``
-       when ``U`` divides ``h``) over the whole ring block, in position order.
+    1. ``seq_to_heads``: this rank's ``[b, s, h, d]`` shard of q, k, v becomes
+       ``[b, U*s, h_u, d]``: the ``h_u`` heads of ulysses rank ``u`` over the whole ring
+       block, in position order.
     2. ring attention over the ring group on those heads: ``out``, ``lse``.
-    3. ``heads_to_seq``: ``out`` goes back to ``[b, s_local, h, d]``.
+    3. ``heads_to_seq``: ``out`` goes back to ``[b, s, h, d]``.
 
     Backward: ``dout`` takes step 1's path, the ring's backward gives dq, dk, dv of the
     ring block, and step 3's path takes them home.
-
-    The layout decides how the pieces move (``comm.seq_to_heads_start``: straight into
-    ring-block slots for dense layouts, through a staging index for packed documents) and
-    what the ring computes; this function is the same for both.
     """
 
     @staticmethod
-    def forward(ctx, groups, layout, kernel, causal, scale, window, chunks, split, q, k, v):
-        group = groups.ulysses_group
-        q_runs, kv_runs = split.q_runs, split.kv_runs
+    def forward(ctx, call: AttentionCall, q, k, v):
+        group, layout, chunks = call.groups.ulysses_group, call.layout, call.head_chunks
+        q_runs, kv_runs = call.heads.q_runs, call.heads.kv_runs
         with_runs = ((q, q_runs), (k, kv_runs), (v, kv_runs))
         sends = zip(*(split_heads(t, runs, chunks) for t, runs in with_runs))
         incoming = [seq_to_heads_start(list(qkv), layout, group) for qkv in sends]
-        out = q.new_empty(q.shape)  # contiguous: split_heads must give views of it
-        saved: list[_RingInputs] = []
+        out = q.new_empty(q.shape)  # [b, s, hq, d], contiguous: split_heads gives views
+        saved: list[RingInputs] = []
         outgoing = []
         for pending, destination in zip(incoming, split_heads(out, q_runs, chunks)):
-            q_ring, k_ring, v_ring = pending.wait()
-            out_ring, lse = ring_forward(
-                groups, layout, kernel, q_ring, k_ring, v_ring, causal, scale, window
-            )
+            q_ring, k_ring, v_ring = pending.wait()  # [b, U*s, h_u / chunks, d] each
+            out_ring, lse = ring_forward(call, q_ring, k_ring, v_ring)
             outgoing.append(heads_to_seq_start([out_ring], [destination], layout, group))
             sent = outgoing[-1].sent  # the same values, in the layout dout arrives in
             out_saved = out_ring if sent is None else sent
-            saved.append(_RingInputs(q_ring, k_ring, v_ring, out_saved, lse))
+            saved.append(RingInputs(q_ring, k_ring, v_ring, out_saved, lse))
         for pending in outgoing:
             pending.wait()
         ctx.save_for_backward(*(t for inputs in saved for t in inputs))
-        ctx.groups, ctx.layout, ctx.kernel = groups, layout, kernel
-        ctx.causal, ctx.scale, ctx.window = causal, scale, window
-        ctx.chunks, ctx.split = chunks, split
-        ctx.kv_shape = k.shape
+        ctx.call, ctx.kv_shape = call, k.shape
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        groups, layout, chunks = ctx.groups, ctx.layout, ctx.chunks
-        group = groups.ulysses_group
-        q_runs, kv_runs = ctx.split.q_runs, ctx.split.kv_runs
-        per_chunk = len(_RingInputs._fields)
+        call = ctx.call
+        group, layout, chunks = call.groups.ulysses_group, call.layout, call.head_chunks
+        q_runs, kv_runs = call.heads.q_runs, call.heads.kv_runs
+        per_chunk = len(RingInputs._fields)
         flat = ctx.saved_tensors
-        saved = [_RingInputs(*flat[i : i + per_chunk]) for i in range(0, len(flat), per_chunk)]
+        saved = [RingInputs(*flat[i : i + per_chunk]) for i in range(0, len(flat), per_chunk)]
         incoming = [
             seq_to_heads_start([chunk], layout, group)
             for chunk in split_heads(dout, q_runs, chunks)
         ]
-        dq = dout.new_empty(dout.shape)
-        dk, dv = (dout.new_empty(ctx.kv_shape) for _ in range(2))
+        dq = dout.new_empty(dout.shape)  # [b, s, hq, d]
+        dk, dv = (dout.new_empty(ctx.kv_shape) for _ in range(2))  # [b, s, hkv_sent, d]
         with_runs = ((dq, q_runs), (dk, kv_runs), (dv, kv_runs))
         destinations = zip(*(split_heads(t, runs, chunks) for t, runs in with_runs))
         outgoing = []
         for pending, inputs, destination in zip(incoming, saved, destinations):
-            (dout_ring,) = pending.wait()
-            grads = ring_backward(
-                groups,
-                layout,
-                ctx.kernel,
-                dout_ring,
-                inputs.q,
-                inputs.k,
-                inputs.v,
-                inputs.out,
-                inputs.lse,
-                ctx.causal,
-                ctx.scale,
-                ctx.window,
-            )
+            (dout_ring,) = pending.wait()  # [b, U*s, h_u / chunks, d]
+            grads = ring_backward(call, dout_ring, inputs)
             outgoing.append(heads_to_seq_start(list(grads), list(destination), layout, group))
         for pending in outgoing:
             pending.wait()
-        return None, None, None, None, None, None, None, None, dq, dk, dv
+        return None, dq, dk, dv
 
 
 class LongContextAttention(nn.Module):
@@ -137,8 +98,9 @@ class LongContextAttention(nn.Module):
 
     The module is the one thing to hold: :attr:`layout` is the layout object its attention
     assumes, and :meth:`shard` / :meth:`gather` split and join full-sequence tensors with
-    it. Packed documents get their own layout per batch (:meth:`packed_layout`), passed
-    to :meth:`forward` as ``layout=`` (or built there from ``cu_seqlens``).
+    it. Packed documents get their own layout per batch (:meth:`packed_layout`, derived
+    from the module's), passed to :meth:`forward` as ``layout=`` (or built there from
+    ``cu_seqlens``).
     """
 
     def __init__(
@@ -151,17 +113,14 @@ class LongContextAttention(nn.Module):
         ring_impl: str | None = None,
     ) -> None:
         """``layout``: the sequence layout, by name (``zigzag``, ``stripe``, ``basic``) or as
-        an object for these groups' degrees; ``ring_impl=`` is the same argument under its
-        older name. ``head_chunks``: how many pieces the heads go through the all-to-all in,
-        so that one chunk's all-to-all overlaps another's compute. 1 (no overlap) is the
-        default; slower links may want 2 (docs/benchmarks.md has the measurements)."""
+        an object for these groups' degrees (``ring_impl=`` is its old name). ``head_chunks``:
+        how many pieces the heads go through the all-to-all in, so that one chunk's
+        all-to-all overlaps another's compute. 1 (no overlap) is the default; slower links
+        may want 2 (docs/benchmarks.md has the measurements)."""
         super().__init__()
-        if ring_impl is not None:
-            if layout not in ("zigzag", ring_impl):
-                raise ValueError(
-                    f"layout={layout!r} and ring_impl={ring_impl!r} disagree: pass one of them"
-                )
-            layout = ring_impl
+        layout = renamed_keyword(
+            "LongContextAttention", "ring_impl", "layout", ring_impl, layout, "zigzag"
+        )
         check_backend(backend)
         check_positive_int("head_chunks", head_chunks, "no overlap")
         self.layout: SequenceLayout = resolve_layout(
@@ -170,10 +129,8 @@ class LongContextAttention(nn.Module):
         if self.layout.masks_documents:
             raise ValueError(
                 f"{self.layout!r} is one batch's packed documents: build the module with its "
-                "ring layout ('zigzag') and pass packed layouts to forward(layout=...)"
+                "dense layout ('zigzag') and pass packed layouts to forward(layout=...)"
             )
-        #: The layout's name, as the flags and specs spell it.
-        self.ring_impl = self.layout.name
         self.groups, self.backend = groups, backend
         self.head_chunks = head_chunks
         self._kernels: dict[tuple[torch.device, torch.dtype, bool, bool], AttentionKernel] = {}
@@ -182,29 +139,24 @@ class LongContextAttention(nn.Module):
         self, x: torch.Tensor, dim: int = 1, cu_seqlens_padded: torch.Tensor | None = None
     ) -> torch.Tensor:
         """This rank's positions of a full-sequence tensor ``x`` along ``dim``."""
-        return shard_sequence(x, dim, self.groups, self._layout_of(cu_seqlens_padded))
+        return shard_sequence(x, dim, self.groups, self.layout, cu_seqlens_padded)
 
     def gather(
         self, x_local: torch.Tensor, dim: int = 1, cu_seqlens_padded: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The full sequence from every rank's shard (not differentiable)."""
-        return gather_sequence(x_local, dim, self.groups, self._layout_of(cu_seqlens_padded))
-
-    def _layout_of(self, cu_seqlens_padded: torch.Tensor | None) -> SequenceLayout:
-        """The module's layout, or the packed one of these document boundaries."""
-        return self.layout if cu_seqlens_padded is None else self.packed_layout(cu_seqlens_padded)
+        return gather_sequence(x_local, dim, self.groups, self.layout, cu_seqlens_padded)
 
     def positions(self, seq_len: int) -> torch.Tensor:
-        """Global positions this rank holds, in local order."""
+        """Global positions ``[s]`` this rank holds, in local order."""
         return self.layout.positions(seq_len, self.groups.ulysses_rank, self.groups.ring_rank)
 
     def packed_layout(
         self, cu_seqlens_padded: torch.Tensor, cu_seqlens: torch.Tensor | None = None
-    ) -> PackedZigzagLayout:
-        """The packed-documents layout of these boundaries over this module's groups (reads
+    ) -> SequenceLayout:
+        """The packed-documents layout of these boundaries, derived from the module's (reads
         them on the host once: build it once per batch and pass it as ``layout=``)."""
-        u, r = self.groups.ulysses_degree, self.groups.ring_degree
-        return packed_layout(self.ring_impl, u, r, cu_seqlens_padded, cu_seqlens)
+        return self.layout.packed(cu_seqlens_padded, cu_seqlens)
 
     def _kernel(
         self, device: torch.device, dtype: torch.dtype, windows: bool, documents: bool
@@ -223,7 +175,6 @@ class LongContextAttention(nn.Module):
     ) -> SequenceLayout:
         """The layout of this call: the module's own, a packed one passed in, or the packed
         one of ``cu_seqlens`` (built, or found in the cache of packings)."""
-        u, r = self.groups.ulysses_degree, self.groups.ring_degree
         if layout is not None:
             if layout is not self.layout and not (
                 isinstance(layout, SequenceLayout) and layout.masks_documents
@@ -232,7 +183,7 @@ class LongContextAttention(nn.Module):
                     f"layout={layout!r} differs from the module's {self.layout!r}: pass a "
                     "packed layout from attn.packed_layout(...), or none"
                 )
-            return resolve_layout(layout, u, r)
+            return resolve_layout(layout, self.groups.ulysses_degree, self.groups.ring_degree)
         if cu_seqlens is None and cu_seqlens_padded is not None:
             raise ValueError(
                 "cu_seqlens_padded was given without cu_seqlens: pass the real document "
@@ -269,7 +220,7 @@ class LongContextAttention(nn.Module):
             )
         layout.check_seq_len(q.shape[1] * self.groups.cp_size)
         u = split.ulysses_degree
-        if not layout.receives_into_slots and not split.even:
+        if not layout.ulysses_placement.takes_uneven_heads and not split.even:
             raise ValueError(
                 f"packed documents need the query heads {q.shape[2]} to split evenly over "
                 f"ulysses_degree {u} (they split as {split.q_heads}): choose U among the "
@@ -302,7 +253,7 @@ class LongContextAttention(nn.Module):
         cu_seqlens_padded: torch.Tensor | None = None,
         layout: LayoutArg | None = None,
     ) -> torch.Tensor:
-        """q: [b, s_local, hq, d]; k, v: [b, s_local, hkv, d] -> [b, s_local, hq, d].
+        """q: [b, s, hq, d]; k, v: [b, s, hkv, d] (this rank's shard) -> [b, s, hq, d].
 
         ``window_size=(left, right)``: the query at global position ``i`` sees keys
         ``i-left .. i+right`` (-1 unbounded; with ``causal`` also only keys ``<= i``);
@@ -321,11 +272,18 @@ class LongContextAttention(nn.Module):
         window = check_window(window_size)
         layout.check_window(window)
         split = self._check(q, k, v, layout)
-        kernel = self._kernel(q.device, q.dtype, window is not None, layout.masks_documents)
-        scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-        if self.groups.ulysses_degree == 1:
-            return ring_attention(self.groups, layout, kernel, q, k, v, causal, scale, window)
-        k, v = split.replicate_kv(k), split.replicate_kv(v)
-        return _UlyssesRingFunction.apply(
-            self.groups, layout, kernel, causal, scale, window, self.head_chunks, split, q, k, v
+        call = AttentionCall(
+            groups=self.groups,
+            layout=layout,
+            kernel=self._kernel(q.device, q.dtype, window is not None, layout.masks_documents),
+            causal=causal,
+            scale=softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5,
+            window=window,
+            heads=split,
+            head_chunks=self.head_chunks if split.ulysses_degree > 1 else 1,
         )
+        if self.groups.ulysses_degree == 1:
+            return ring_attention(call, q, k, v)
+        # [b, s, hkv, d] -> [b, s, sum(kv_heads), d]: the key/value heads each rank needs
+        k, v = split.replicate_kv(k), split.replicate_kv(v)
+        return _UlyssesRingFunction.apply(call, q, k, v)

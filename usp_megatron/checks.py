@@ -5,6 +5,8 @@ The lowest layer: it imports nothing of the package.
 
 from __future__ import annotations
 
+import warnings
+
 Window = tuple[int, int]
 
 
@@ -38,3 +40,27 @@ def check_window(window_size: object) -> Window | None:
         )
     left, right = window_size
     return None if (left, right) == (-1, -1) else (left, right)
+
+
+_RENAMES_SAID: set[tuple[str, str]] = set()
+
+
+def renamed_keyword(where: str, old: str, new: str, old_value: object, new_value: object,
+                    new_default: object) -> object:  # fmt: skip
+    """The value of keyword ``new`` when a caller may still pass its old name ``old``:
+    says once per process (a FutureWarning) that ``old`` is now ``new``, and refuses the
+    two disagreeing."""
+    if old_value is None:
+        return new_value
+    if (where, old) not in _RENAMES_SAID:
+        _RENAMES_SAID.add((where, old))
+        warnings.warn(
+            f"{where}: {old}= is now {new}= (same values); {old}= will be removed",
+            FutureWarning,
+            stacklevel=3,
+        )
+    if new_value not in (new_default, old_value):
+        raise ValueError(
+            f"{where}: {new}={new_value!r} and {old}={old_value!r} disagree: pass {new}= only"
+        )
+    return old_value

@@ -23,8 +23,8 @@ def shard_sequence(
 ) -> torch.Tensor:
     """The positions of ``x`` along ``dim`` that this rank holds, in local order.
 
-    ``layout``: a layout object or a ``ring_impl`` name; with ``cu_seqlens_padded`` (and a
-    name) those of packed documents (Megatron's THD split)."""
+    ``layout``: a layout object or a name; with ``cu_seqlens_padded`` those of the packed
+    documents derived from it (Megatron's THD split)."""
     layout = resolve_layout(layout, groups.ulysses_degree, groups.ring_degree, cu_seqlens_padded)
     positions = layout.positions(x.shape[dim], groups.ulysses_rank, groups.ring_rank)
     return x.index_select(dim, positions.to(x.device))

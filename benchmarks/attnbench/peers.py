@@ -131,9 +131,7 @@ class Usp(Peer):
         key = (method.ulysses, method.ring)
         if key not in self._groups:
             self._groups[key] = init_usp_groups(*key)
-        attn = LongContextAttention(
-            self._groups[key], ring_impl=method.impl, backend=method.backend
-        )
+        attn = LongContextAttention(self._groups[key], layout=method.impl, backend=method.backend)
         positions = attn.positions(problem.seq_len).to(self.device)
         yield shard_of(problem, positions, False, functools.partial(attn, causal=True), grad)
 

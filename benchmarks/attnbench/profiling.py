@@ -126,7 +126,7 @@ def usp_step(
     """One USP fwd+bwd on this rank's random shard ``[1, S/N, h, d]``."""
     world = dist.get_world_size()
     groups = init_usp_groups(u, r)
-    attn = LongContextAttention(groups, ring_impl=args.impl, backend=backend, head_chunks=chunks)
+    attn = LongContextAttention(groups, layout=args.impl, backend=backend, head_chunks=chunks)
     s_local, h, d = args.seq_len // world, args.heads, args.head_dim
     q, k, v = (randn(args, 1, s_local, h, d, grad=True) for _ in range(3))
     dout = randn(args, 1, s_local, h, d)

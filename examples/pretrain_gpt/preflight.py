@@ -28,10 +28,9 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path,
 from usp_megatron.checks import check_window
 from usp_megatron.kernels import available_backends, get_kernel
 from usp_megatron.kernels.flash_attn import flash_attn_importable
-from usp_megatron.layout import get_layout
 from usp_megatron.megatron import apply_usp_args, validate_usp_args
-from usp_megatron.megatron.arguments import usp_enabled
-from usp_megatron.megatron.validation import check_heads
+from usp_megatron.megatron.arguments import usp_enabled, usp_layout
+from usp_megatron.megatron.validation import check_heads, check_packed_documents
 
 # Token ids are checked against the vocabulary over at most this many tokens of a dataset
 # (a full scan of a large corpus would cost minutes on every rank before training).
@@ -222,8 +221,7 @@ def _check_heads(args: argparse.Namespace) -> None:
 def _check_seq_length(args: argparse.Namespace) -> None:
     if not usp_enabled(args):
         return
-    u, r, impl = args.usp_ulysses_degree, args.usp_ring_degree, args.usp_ring_impl
-    layout = get_layout(impl, u, r)
+    layout = usp_layout(args)
     try:
         layout.check_seq_len(args.seq_length)
     except ValueError as error:
@@ -239,30 +237,12 @@ def _check_packed_documents(args: argparse.Namespace) -> None:
     if not args.pack_documents:
         return
     cp = args.context_parallel_size
-    if args.usp_ring_impl != "zigzag":
-        raise ConfigError(
-            f"--pack-documents needs --usp-ring-impl zigzag, got {args.usp_ring_impl}: the "
-            "context-parallel split of packed documents is the zigzag of every document; "
-            "drop --usp-ring-impl or --pack-documents"
-        )
-    try:
-        window = check_window(None if args.window_size is None else tuple(args.window_size))
-    except ValueError:
-        window = None  # a malformed window is refused with its own message later
-    if window is not None:
-        raise ConfigError(
-            f"--window-size {' '.join(map(str, args.window_size))} with --pack-documents is not "
-            "supported: packed documents attend over their whole document; drop one of them"
-        )
-    u = args.usp_ulysses_degree if usp_enabled(args) else 1
     heads = args.num_attention_heads // args.tensor_model_parallel_size
-    if heads % u:
-        divisors = [d for d in range(1, heads + 1) if heads % d == 0 and cp % d == 0]
-        raise ConfigError(
-            f"--pack-documents needs the {heads} query heads of a tensor-parallel rank to split "
-            f"evenly over --usp-ulysses-degree {u} (packed documents take no uneven head "
-            f"split): use a ulysses degree among {divisors}, or drop --pack-documents"
-        )
+    u = args.usp_ulysses_degree if usp_enabled(args) else 1
+    try:
+        check_packed_documents(usp_layout(args), args.window_size, heads, u, "--pack-documents")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     multiple = args.pack_pad_multiple
     if multiple is not None and (multiple < 1 or multiple % (2 * cp)):
         raise ConfigError(

@@ -16,8 +16,7 @@ import torch
 from preflight import Plan
 
 from usp_megatron.heads import head_split
-from usp_megatron.layout import local_positions
-from usp_megatron.megatron.arguments import usp_enabled
+from usp_megatron.megatron.arguments import usp_enabled, usp_layout
 
 # bf16 dense (no sparsity) TFLOP/s by device name, first match wins ("H100 PCIe" before
 # "H100", whose SXM part is 989). Unknown devices report no MFU unless --peak-tflops is given.
@@ -239,18 +238,11 @@ def _ranges(positions: list[int]) -> str:
 
 
 def _layout(args: argparse.Namespace) -> str:
-    s, cp = args.seq_length, args.context_parallel_size
     if not usp_enabled(args):
         return "no context parallelism: every rank holds whole sequences"
-    u, r, impl = args.usp_ulysses_degree, args.usp_ring_degree, args.usp_ring_impl
-    rule = {
-        "zigzag": f"rank c holds chunks c and {2 * cp - 1}-c of {2 * cp} (Megatron's own split)",
-        "stripe": f"ring rank r owns positions t % {r} == r"
-        + (f", cut into {u} contiguous pieces" if u > 1 else ""),
-        "basic": f"rank c holds contiguous chunk c of {cp}",
-    }[impl]
-    rank0 = local_positions(s, u, r, 0, 0, impl).tolist()
-    return f"{impl}: {rule}; rank 0 holds {_ranges(rank0)}"
+    layout = usp_layout(args)
+    rank0 = layout.positions(args.seq_length, 0, 0).tolist()
+    return f"{layout.name}: {layout.describe()}; rank 0 holds {_ranges(rank0)}"
 
 
 def banner(args: argparse.Namespace, plan: Plan) -> str:

@@ -35,6 +35,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from preflight import Plan, check_configuration, use_cuda
 from report import Reporter, nothing_to_do
 
+from usp_megatron.layout import SequenceLayout
 from usp_megatron.megatron import (
     get_batch_on_this_usp_rank,
     get_gpt_layer_usp_spec,
@@ -43,7 +44,7 @@ from usp_megatron.megatron import (
     reset_model_parallel,
     use_usp_rotary_embedding,
 )
-from usp_megatron.megatron.arguments import usp_enabled
+from usp_megatron.megatron.arguments import usp_enabled, usp_layout
 
 _LAYOUT: tuple | None = None
 
@@ -78,7 +79,9 @@ def padded_vocab_size(args: argparse.Namespace) -> int:
     return math.ceil(tokenizer_for(args).vocab_size / multiple) * multiple
 
 
-def build_model(args: argparse.Namespace) -> tuple[TransformerConfig, torch.nn.Module]:
+def build_model(
+    args: argparse.Namespace, layout: SequenceLayout
+) -> tuple[TransformerConfig, torch.nn.Module]:
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     config = TransformerConfig(
         num_layers=args.num_layers,
@@ -104,7 +107,7 @@ def build_model(args: argparse.Namespace) -> tuple[TransformerConfig, torch.nn.M
         spec = get_gpt_layer_local_spec(normalization=args.normalization)
     else:
         spec = get_gpt_layer_usp_spec(
-            ring_impl=args.usp_ring_impl,
+            layout=layout,
             backend=args.usp_attn_backend,
             normalization=args.normalization,
         )
@@ -115,7 +118,7 @@ def build_model(args: argparse.Namespace) -> tuple[TransformerConfig, torch.nn.M
         max_sequence_length=args.seq_length,
         position_embedding_type=args.position_embedding_type,
     )
-    use_usp_rotary_embedding(model, args.usp_ring_impl)
+    use_usp_rotary_embedding(model, layout)
     if use_cuda(args):
         model.cuda(torch.cuda.current_device())
     if args.bf16:
@@ -136,7 +139,9 @@ def _loss(loss_mask: torch.Tensor, output: torch.Tensor):
 _PACKING = ("cu_seqlens", "cu_seqlens_padded", "max_seqlen")
 
 
-def _forward_step(args: argparse.Namespace, documents: list[int], data_iterator, model):
+def _forward_step(
+    args: argparse.Namespace, layout: SequenceLayout, documents: list[int], data_iterator, model
+):
     batch = next(data_iterator)
     if use_cuda(args):
         batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
@@ -146,10 +151,10 @@ def _forward_step(args: argparse.Namespace, documents: list[int], data_iterator,
         packing = [batch.pop(key) for key in _PACKING]
         if args.document_mask:
             batch, packed_seq_params = get_thd_batch_on_this_usp_rank(
-                batch, *packing, ring_impl=args.usp_ring_impl
+                batch, *packing, layout=layout
             )
     if packed_seq_params is None and args.context_parallel_size > 1:
-        batch = get_batch_on_this_usp_rank(batch, ring_impl=args.usp_ring_impl)
+        batch = get_batch_on_this_usp_rank(batch, layout=layout)
     output = model(
         batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
         packed_seq_params=packed_seq_params,
@@ -180,7 +185,8 @@ def counting_host_syncs(enabled: bool) -> Iterator[list[str]]:
 def train(args: argparse.Namespace) -> list[dict]:
     """Train ``args.train_iters`` iterations; returns loss, grad norm and speed per iteration."""
     plan = initialize(args)
-    config, model = build_model(args)
+    layout = usp_layout(args)  # the flags' layout, resolved once and handed down
+    config, model = build_model(args, layout)
     ddp = DistributedDataParallel(
         config,
         DistributedDataParallelConfig(
@@ -256,7 +262,7 @@ def train(args: argparse.Namespace) -> list[dict]:
         documents: list[int] = []  # per packed sample of this rank
         with counting_host_syncs(args.count_host_syncs and use_cuda(args)) as syncs:
             reports = forward_backward(
-                forward_step_func=partial(_forward_step, args, documents),
+                forward_step_func=partial(_forward_step, args, layout, documents),
                 data_iterator=data,
                 model=[ddp],
                 num_microbatches=num_micro,

@@ -15,7 +15,7 @@ from usp_megatron.comm import (
     split_heads,
 )
 from usp_megatron.heads import HeadRun
-from usp_megatron.layout import RING_IMPLS, get_layout, ring_block_positions
+from usp_megatron.layout import LAYOUT_NAMES, get_layout
 
 
 def _head_splits(ulysses: int) -> dict[str, list[list[HeadRun]]]:
@@ -52,7 +52,7 @@ def all_to_all_round_trip(dtype_name: str, head_dim: int, gloo_path: str) -> lis
         ring = world // ulysses
         groups = init_usp_groups(ulysses, ring)
         u = groups.ulysses_rank
-        for impl, (split, runs) in itertools.product(RING_IMPLS, _head_splits(ulysses).items()):
+        for impl, (split, runs) in itertools.product(LAYOUT_NAMES, _head_splits(ulysses).items()):
             seq_len = 4 * world
             gen = torch.Generator().manual_seed(ulysses * 10 + len(impl))
             heads = [sum(run.ranks * run.heads for run in r) for r in runs]
@@ -61,7 +61,7 @@ def all_to_all_round_trip(dtype_name: str, head_dim: int, gloo_path: str) -> lis
             layout = get_layout(impl, ulysses, ring)
             views = [split_heads(x, r)[0] for x, r in zip(shards, runs)]
             got = seq_to_heads_start(views, layout, groups.ulysses_group).wait()
-            rows = ring_block_positions(seq_len, ulysses, ring, groups.ring_rank, impl)
+            rows = get_layout(impl, ulysses, ring).ring_block_positions(seq_len, groups.ring_rank)
             case = f"U{ulysses}R{ring} {impl} {split} {dtype_name} d={head_dim}"
             for x, r, g in zip(fulls, runs, got):
                 if not torch.equal(g, x[:, rows, _rank_heads(r, u)]):

@@ -14,7 +14,7 @@ from helpers.host_staged import StagedWork, staged_through_host
 from helpers.worlds import factorizations
 
 from usp_megatron import init_usp_groups
-from usp_megatron.layout import RING_IMPLS
+from usp_megatron.layout import LAYOUT_NAMES
 from workers.packed_cases import document_configs, run_packed_case
 from workers.usp_cases import run_case
 
@@ -119,7 +119,7 @@ def usp_cases(
             seq_len = seq_per_rank * groups.cp_size
             dense = [
                 ("zigzag", True, (8, 2, 1), None),
-                *((impl, True, (8, 2, 1), (seq_len // 3, 0)) for impl in RING_IMPLS),
+                *((impl, True, (8, 2, 1), (seq_len // 3, 0)) for impl in LAYOUT_NAMES),
                 ("stripe", True, (8, 1, 1), (3, 0)),
                 ("zigzag", False, (8, 8, 1), (seq_len // 5, seq_len // 7)),
             ]

@@ -25,7 +25,7 @@ def try_bad_inputs() -> dict[str, str]:
         "zero degree": _raises(lambda: init_usp_groups(0, 4)),
     }
     groups = init_usp_groups(2, 2)
-    attn = LongContextAttention(groups, ring_impl="zigzag", backend="reference")
+    attn = LongContextAttention(groups, layout="zigzag", backend="reference")
     x = torch.randn(1, 4, 4, 8)
     one_head = torch.randn(1, 4, 1, 8)
     messages["heads vs ulysses"] = _raises(lambda: attn(one_head, one_head, one_head))
@@ -40,7 +40,7 @@ def try_bad_inputs() -> dict[str, str]:
     messages["dtype mismatch"] = _raises(lambda: attn(x, x.double(), x.double()))
     messages["shape mismatch"] = _raises(lambda: attn(x, x[:, :2], x[:, :2]))
     messages["not 4-D"] = _raises(lambda: attn(x[0], x[0], x[0]))
-    messages["unknown impl"] = _raises(lambda: LongContextAttention(groups, ring_impl="spiral"))
+    messages["unknown impl"] = _raises(lambda: LongContextAttention(groups, layout="spiral"))
     messages["layout vs ring_impl"] = _raises(
         lambda: LongContextAttention(groups, "stripe", ring_impl="basic")
     )

@@ -34,7 +34,7 @@ def forward_only() -> int:
         ("zigzag", 8, {}, 2),  # head chunks
     ]
     for impl, heads, kwargs, chunks in cases:
-        attn = LongContextAttention(groups, ring_impl=impl, head_chunks=chunks)
+        attn = LongContextAttention(groups, layout=impl, head_chunks=chunks)
         q, k, v = (torch.randn(1, 64, heads, 8, generator=gen) for _ in range(3))
         local = [shard_sequence(t, 1, groups, impl).requires_grad_() for t in (q, k, v)]
         attn(*local, causal=True, **kwargs)

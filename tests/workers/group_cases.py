@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from usp_megatron import gather_sequence, init_usp_groups, local_positions, shard_sequence
-from usp_megatron.layout import RING_IMPLS
+from usp_megatron.layout import LAYOUT_NAMES
 
 
 def groups_of_subgroups(ulysses: int, ring: int) -> dict:
@@ -36,7 +36,7 @@ def shard_gather_round_trip() -> list[str]:
     problems = []
     for ulysses in (u for u in range(1, world + 1) if world % u == 0):
         groups = init_usp_groups(ulysses, world // ulysses)
-        for impl in RING_IMPLS:
+        for impl in LAYOUT_NAMES:
             full = torch.randn(3, 8 * world, 5, generator=torch.Generator().manual_seed(world))
             local = shard_sequence(full, 1, groups, impl)
             expected_positions = local_positions(

@@ -155,7 +155,7 @@ def _run_case(case: dict, reference: _Reference, batch: dict) -> dict[str, float
     from usp_megatron.sharding import gather_sequence
 
     impl = case["impl"]
-    spec = get_gpt_layer_usp_spec(ring_impl=impl, backend="reference")
+    spec = get_gpt_layer_usp_spec(layout=impl, backend="reference")
     model = _gpt(_heads(case), case["kv"], spec, case.get("recompute", False))
     refused = {}
     if case["fix_rope"]:

@@ -129,7 +129,7 @@ def packed_refusals(groups) -> dict[str, float]:
     cu = torch.tensor([0, 2 * cp, 4 * cp], dtype=torch.int32)
     x = torch.randn(1, 4, 2 * groups.ulysses_degree, 8)
     calls = {
-        "stripe": (dict(ring_impl="stripe"), dict(cu_seqlens=cu), "need ring_impl='zigzag'"),
+        "stripe": (dict(layout="stripe"), dict(cu_seqlens=cu), "need the zigzag layout"),
         "window": ({}, dict(cu_seqlens=cu, window_size=(2, 0)), "with packed documents"),
         "batch 2": ({}, dict(cu_seqlens=cu, batch=2), "batch 1"),
         "padded alone": ({}, dict(cu_seqlens_padded=cu), "without cu_seqlens"),

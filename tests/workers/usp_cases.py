@@ -15,7 +15,7 @@ from helpers.oracle import attention_float64, rel_error
 from helpers.worlds import factorizations
 
 from usp_megatron import LongContextAttention, init_usp_groups, shard_sequence
-from usp_megatron.layout import RING_IMPLS
+from usp_megatron.layout import LAYOUT_NAMES
 
 
 def head_configs(ulysses: int) -> list[tuple[int, int, int]]:
@@ -50,11 +50,11 @@ def uneven_cases(ulysses: int, ring: int) -> list[tuple[str, bool, tuple[int, in
         return [
             (impl, (i + j) % 2 == 0, heads)
             for i, heads in enumerate(configs)
-            for j, impl in enumerate(RING_IMPLS)
+            for j, impl in enumerate(LAYOUT_NAMES)
         ]
     if ring > 1:
         return []
-    return [(RING_IMPLS[i % 3], i % 2 == 0, heads) for i, heads in enumerate(configs)]
+    return [(LAYOUT_NAMES[i % 3], i % 2 == 0, heads) for i, heads in enumerate(configs)]
 
 
 def run_case(
@@ -77,7 +77,7 @@ def run_case(
         return shard_sequence(t, 1, groups, impl).to(dtype=dtype)
 
     mine = [local(t).requires_grad_() for t in (q, k, v)]
-    attn = LongContextAttention(groups, ring_impl=impl, backend=backend, head_chunks=head_chunks)
+    attn = LongContextAttention(groups, layout=impl, backend=backend, head_chunks=head_chunks)
     out = attn(*mine, causal=causal, window_size=window)
     out.backward(local(dout))
     return {
@@ -99,7 +99,7 @@ def dense_cases(ulysses: int, ring: int, seq_per_rank: int):
     even = [
         (impl, causal, heads, None, seq_per_rank)
         for impl, causal, heads in itertools.product(
-            RING_IMPLS, (True, False), head_configs(ulysses)
+            LAYOUT_NAMES, (True, False), head_configs(ulysses)
         )
     ]
     # The head split does not depend on the length: the shortest zigzag shard.
@@ -112,7 +112,7 @@ def window_cases(ulysses: int, ring: int, seq_per_rank: int):
     return [
         (impl, causal, (8, 2, 1), window, seq_per_rank)
         for impl, causal, window in itertools.product(
-            RING_IMPLS, (True, False), windows_for(seq_len)
+            LAYOUT_NAMES, (True, False), windows_for(seq_len)
         )
     ]
 

@@ -1,14 +1,14 @@
-"""The ulysses all-to-all: scatter heads, gather sequence, and back.
+"""The ulysses all-to-all of dense layouts: scatter heads, gather sequence, and back.
 
-``[b, s_local, h, d]`` on each of ``U`` ranks becomes ``[b, U * s_local, h/U, d]``, the ring
-block in position order, and back. Query, key and value are copied once each into one
-send buffer (the all-to-all needs contiguous pieces anyway), and every piece is received
-straight into its slot of the ring block (``SequenceLayout.gather_slots``): no reordering
-copy runs on the way in, and the kernels read head slices of what arrived (one collective
-per piece of a rank's shard: 2 for zigzag, 1 for basic and stripe). On the way out a
-kernel's sequence-major output is sent slot by slot as it is; gradients are packed once.
-The start / wait halves are separate so that the caller can overlap chunks of heads with
-compute. Permuted copies move 8-byte words (``tensors.copy_words_``).
+``[b, s, h, d]`` on each of ``U`` ranks becomes ``[b, U*s, h_u, d]``, the ring block in
+position order, and back. Query, key and value are copied once each into
+one send buffer (the all-to-all needs contiguous pieces anyway), and every piece is
+received straight into its slot of the ring block (``UlyssesPlacement.slots``): no
+reordering copy runs on the way in, and the kernels read head slices of what arrived (one
+collective per piece of a rank's shard: 2 for zigzag, 1 for basic and stripe). On the way
+out a kernel's sequence-major output is sent slot by slot as it is; gradients are packed
+once. The start / wait halves are separate so that the caller can overlap chunks of heads
+with compute. Permuted copies move 8-byte words (``tensors.copy_words_``).
 
 Uneven heads: when ulysses ranks receive different numbers of heads, consecutive ranks
 that receive equally many form a *run* (``HeadRun``); each run is packed like an even split
@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from usp_megatron.heads import HeadRun
-from usp_megatron.layout import DenseLayout
+from usp_megatron.layout import UlyssesPlacement
 from usp_megatron.tensors import copy_words_
 
 #: gloo runs collectives on a worker thread, which lets go of a finished collective's
@@ -44,8 +44,8 @@ GLOO_HAS_LIST_ALL_TO_ALL = tuple(int(p) for p in torch.__version__.split(".")[:2
 def split_heads(
     x: torch.Tensor, runs: Sequence[HeadRun], chunks: int = 1
 ) -> list[list[torch.Tensor]]:
-    """[b, s, h, d] -> for each of ``chunks``: one view [b, s, n, heads/chunks, d] per run of
-    ``runs`` (which cover the ``h`` heads in rank order): what each all-to-all sends.
+    """[b, s, h, d] -> for each of ``chunks``: one view [b, s, ranks, heads/chunks, d] per
+    run of ``runs`` (which cover the ``h`` heads in rank order): what each all-to-all sends.
 
     An even split is one run of all ``U`` ranks. Chunk ``c`` holds, for every destination
     rank, the ``c``-th part of the heads that rank owns after the all-to-all, so each chunk
@@ -56,7 +56,7 @@ def split_heads(
     start = 0
     for run in runs:
         run_heads = x if len(runs) == 1 else x.narrow(2, start, run.ranks * run.heads)
-        # [b, s, n * heads, d] -> [b, s, n, chunks, heads/chunks, d]
+        # [b, s, ranks * heads, d] -> [b, s, ranks, chunks, heads/chunks, d]
         parts = run_heads.reshape(b, s, run.ranks, chunks, run.heads // chunks, d)
         for c in range(chunks):
             per_chunk[c].append(parts[:, :, :, c])
@@ -67,7 +67,7 @@ def split_heads(
 class PendingExchange:
     """All-to-alls in flight; ``wait()`` makes the current stream wait and returns the result.
 
-    ``sent``: the sequence-major tensor [b, U*s, H, d] that went out (heads -> sequence),
+    ``sent``: the sequence-major tensor [b, U*s, h, d] that went out (heads -> sequence),
     which the caller may keep instead of the kernel's own output (same values, and the
     layout the gradients arrive in).
     """
@@ -144,7 +144,7 @@ def exchange_pieces(
 
 class _RunBuffer(NamedTuple):
     """Pieces of a shard for every run's ranks, one after another in one flat buffer: run
-    ``r`` is the view [pieces, n, piece_len, b, H, d] (``H``: the heads of all tensors)."""
+    ``r`` is the view [pieces, ranks, piece_len, b, H, d] (``H``: the heads of all tensors)."""
 
     flat: torch.Tensor
     runs: list[torch.Tensor]
@@ -159,6 +159,7 @@ class _RunBuffer(NamedTuple):
         flat = like.new_empty(pieces, sum(sizes))
         runs, start = [], 0
         for (ranks, heads), size in zip(shapes, sizes):
+            # [pieces, size] -> [pieces, ranks, piece_len, b, heads, d]
             run = flat[:, start : start + size].view(pieces, ranks, piece_len, b, heads, d)
             runs.append(run)
             start += size
@@ -170,7 +171,8 @@ class _RunBuffer(NamedTuple):
 
 
 def _run_shapes(tensors: list[list[torch.Tensor]]) -> list[tuple[int, int]]:
-    """(ranks, heads of all tensors) of each run, from run views [b, s, n, h, d] per tensor."""
+    """(ranks, heads of all tensors) of each run, from run views [b, s, ranks, h, d] per
+    tensor."""
     return [(views[0].shape[2], sum(view.shape[3] for view in views)) for views in zip(*tensors)]
 
 
@@ -187,25 +189,26 @@ def _my_run(tensors: list[list[torch.Tensor]], group: ProcessGroup) -> int:
 
 
 def slotted_seq_to_heads_start(
-    tensors: list[list[torch.Tensor]], layout: DenseLayout, group: ProcessGroup
+    tensors: list[list[torch.Tensor]], placement: UlyssesPlacement, group: ProcessGroup
 ) -> PendingExchange:
-    """Run views [b, s, n, h_i, d] of each tensor (``split_heads``) -> after ``wait()``:
+    """Run views [b, s, ranks, h_i, d] of each tensor (``split_heads``) -> after ``wait()``:
     [b, U*s, h_i, d] each, with ``h_i`` the heads of this rank's run.
 
     The tensors are packed along heads into one send buffer (one copy per tensor and run);
     every piece is received straight into its ring-block slot of one sequence-major
     buffer, so no reordering copy runs; the results are head slices of that buffer.
     """
-    degree, pieces = layout.ulysses_degree, layout.pieces_per_rank
+    degree, pieces = len(placement.slots[0]), placement.pieces
     b, s, _, _, d = tensors[0][0].shape
     piece_len = s // pieces
     send = _RunBuffer.empty(tensors[0][0], pieces, piece_len, _run_shapes(tensors))
     for run, views in zip(send.runs, zip(*tensors)):
         start = 0
         for view in views:
-            n, h = view.shape[2:4]
-            # [b, s, n, h, d] -> [b, pieces, piece_len, n, h, d] -> [pieces, n, piece_len, b, h, d]
-            by_piece = view.view(b, pieces, piece_len, n, h, d).permute(1, 3, 2, 0, 4, 5)
+            ranks, h = view.shape[2:4]
+            # [b, s, ranks, h, d] -> [b, pieces, piece_len, ranks, h, d]
+            #   -> [pieces, ranks, piece_len, b, h, d]
+            by_piece = view.view(b, pieces, piece_len, ranks, h, d).permute(1, 3, 2, 0, 4, 5)
             copy_words_(run[..., start : start + h, :], by_piece)
             start += h
     heads = [views[_my_run(tensors, group)].shape[3] for views in tensors]
@@ -217,7 +220,7 @@ def slotted_seq_to_heads_start(
         start += h
     works = []
     for i in range(pieces):
-        slots = [recv[j * piece_len : (j + 1) * piece_len] for j in layout.gather_slots[i]]
+        slots = [recv[j * piece_len : (j + 1) * piece_len] for j in placement.slots[i]]
         works += exchange_pieces(slots, send.rank_pieces(i), group)
     return PendingExchange(works, result, [send.flat])
 
@@ -225,17 +228,17 @@ def slotted_seq_to_heads_start(
 def slotted_heads_to_seq_start(
     tensors: list[torch.Tensor],
     destinations: list[list[torch.Tensor]],
-    layout: DenseLayout,
+    placement: UlyssesPlacement,
     group: ProcessGroup,
 ) -> PendingExchange:
     """[b, U*s, h_i, d] each (ring-block order) -> after ``wait()``: copied into the run
-    views [b, s, n, h_i, d] ``destinations`` (``split_heads``). The inverse of
+    views [b, s, ranks, h_i, d] ``destinations`` (``split_heads``). The inverse of
     :func:`slotted_seq_to_heads_start`.
 
     One sequence-major tensor is sent slot by slot as it is; otherwise the tensors are
     packed along heads into a sequence-major buffer first (one copy each).
     """
-    degree, pieces = layout.ulysses_degree, layout.pieces_per_rank
+    degree, pieces = len(placement.slots[0]), placement.pieces
     b, block_len, _, d = tensors[0].shape
     heads = [t.shape[2] for t in tensors]
     piece_len = block_len // (degree * pieces)
@@ -244,24 +247,24 @@ def slotted_heads_to_seq_start(
         send = tensors[0].new_empty(block_len, b, sum(heads), d)
         start = 0
         for t, h in zip(tensors, heads):
+            # [b, U*s, h, d] -> [U*s, b, h, d], into its heads of the buffer
             copy_words_(send[:, :, start : start + h], t.transpose(0, 1))
             start += h
     recv = _RunBuffer.empty(tensors[0], pieces, piece_len, _run_shapes(destinations))
     works = []
     for i in range(pieces):
-        slots = [send[j * piece_len : (j + 1) * piece_len] for j in layout.gather_slots[i]]
+        slots = [send[j * piece_len : (j + 1) * piece_len] for j in placement.slots[i]]
         works += exchange_pieces(recv.rank_pieces(i), slots, group)
 
     def finish() -> None:
         for run, views in zip(recv.runs, zip(*destinations)):
             start = 0
             for view in views:
-                n, h = view.shape[2:4]
-                # [pieces, n, piece_len, b, h, d] -> [b, pieces, piece_len, n, h, d]
+                ranks, h = view.shape[2:4]
+                # [pieces, ranks, piece_len, b, h, d] -> [b, pieces, piece_len, ranks, h, d]
                 src = run[..., start : start + h, :].permute(3, 0, 2, 1, 4, 5)
-                copy_words_(view.view(b, pieces, piece_len, n, h, d), src)
+                copy_words_(view.view(b, pieces, piece_len, ranks, h, d), src)
                 start += h
 
-    return PendingExchange(
-        works, list(destinations), [send, recv.flat], finish, sent=send.transpose(0, 1)
-    )
+    sent = send.transpose(0, 1)  # [U*s, b, h, d] -> [b, U*s, h, d]
+    return PendingExchange(works, list(destinations), [send, recv.flat], finish, sent=sent)

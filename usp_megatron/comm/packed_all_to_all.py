@@ -5,7 +5,7 @@ differ from document to document, so the pieces cannot each land straight in the
 ring-block slot with one collective as the dense path's do (that would take one
 collective per chunk). Instead one ``all_to_all_single`` receives every source rank's
 whole shard into a staging buffer, and one index copy puts its rows in ring-block order
-(``PackedZigzagLayout.staging_rows``); the way back gathers by the same index before the
+(``UlyssesPlacement.rows``); the way back gathers by the same index before the
 all-to-all. That costs one extra copy of the exchanged tensors each way. The exchange is
 the dense path's (``all_to_all.exchange_pieces``: sends and receives on gloo).
 """
@@ -16,7 +16,7 @@ import torch
 from torch.distributed import ProcessGroup
 
 from usp_megatron.comm.all_to_all import PendingExchange, exchange_pieces
-from usp_megatron.layout import PackedZigzagLayout
+from usp_megatron.layout import UlyssesPlacement
 from usp_megatron.tensors import copy_words_
 
 
@@ -28,13 +28,13 @@ def _one_run(tensors: list[list[torch.Tensor]]) -> list[torch.Tensor]:
 
 
 def staged_seq_to_heads_start(
-    tensors: list[list[torch.Tensor]], layout: PackedZigzagLayout, group: ProcessGroup
+    tensors: list[list[torch.Tensor]], placement: UlyssesPlacement, group: ProcessGroup
 ) -> PendingExchange:
     """One run view [b, s, U, h_i, d] of each tensor (``split_heads`` of an even split) ->
     after ``wait()``: [b, U*s, h_i, d] each, the ring block in position order (head slices
     of one sequence-major buffer)."""
     tensors = _one_run(tensors)
-    degree = layout.ulysses_degree
+    degree = tensors[0].shape[2]
     b, s, _, _, d = tensors[0].shape
     heads = [t.shape[3] for t in tensors]
     total = sum(heads)
@@ -47,7 +47,7 @@ def staged_seq_to_heads_start(
     staging = torch.empty_like(send)  # [source rank, s, b, h, d]
     works = exchange_pieces(list(staging.unbind(0)), list(send.unbind(0)), group)
     block = send.new_empty(degree * s, b, total, d)  # the ring block, seq-major
-    rows = layout.staging_rows_on(send.device)
+    rows = placement.rows_on(send.device)
     result, start = [], 0
     for h in heads:
         # [U*s, b, h, d] -> [b, U*s, h, d]
@@ -64,19 +64,19 @@ def staged_seq_to_heads_start(
 def staged_heads_to_seq_start(
     tensors: list[torch.Tensor],
     destinations: list[list[torch.Tensor]],
-    layout: PackedZigzagLayout,
+    placement: UlyssesPlacement,
     group: ProcessGroup,
 ) -> PendingExchange:
     """[b, U*s, h_i, d] each (ring-block order) -> after ``wait()``: copied into the run
     views [b, s, U, h_i, d] ``destinations``. The inverse of
     :func:`staged_seq_to_heads_start`."""
     destinations = _one_run(destinations)
-    degree = layout.ulysses_degree
+    degree = destinations[0].shape[2]
     b, block_len, _, d = tensors[0].shape
     s = block_len // degree
     heads = [t.shape[2] for t in tensors]
     total = sum(heads)
-    rows = layout.staging_rows_on(tensors[0].device)
+    rows = placement.rows_on(tensors[0].device)
     send = tensors[0].new_empty(block_len, b, total, d)  # [U*s (destination-major), b, h, d]
     start = 0
     for t, h in zip(tensors, heads):
@@ -84,9 +84,8 @@ def staged_heads_to_seq_start(
         copy_words_(send[:, :, start : start + h], t.transpose(0, 1).index_select(0, rows))
         start += h
     recv = send.new_empty(degree, s, b, total, d)  # [source rank, s, b, h, d]
-    works = exchange_pieces(
-        list(recv.unbind(0)), list(send.view(degree, s, b, total, d).unbind(0)), group
-    )
+    by_destination = send.view(degree, s, b, total, d)  # [U*s, ...] -> [U, s, b, h, d]
+    works = exchange_pieces(list(recv.unbind(0)), list(by_destination.unbind(0)), group)
 
     def finish() -> None:
         start = 0

@@ -1,4 +1,4 @@
-"""The ulysses all-to-all of any layout: the layout says how its pieces move.
+"""The ulysses all-to-all of any layout: the layout's placement says how pieces move.
 
 Dense layouts receive every piece straight into its ring-block slot
 (``all_to_all.slotted_*``); packed documents receive rank by rank into a staging buffer
@@ -26,11 +26,12 @@ from usp_megatron.layout import SequenceLayout
 def seq_to_heads_start(
     tensors: list[list[torch.Tensor]], layout: SequenceLayout, group: ProcessGroup
 ) -> PendingExchange:
-    """Run views [b, s, n, h_i, d] of each tensor -> after ``wait()``: [b, U*s, h_i, d]
+    """Run views [b, s, ranks, h_i, d] of each tensor -> after ``wait()``: [b, U*s, h_i, d]
     each, this ulysses rank's heads over its whole ring block, in position order."""
-    if layout.receives_into_slots:
-        return slotted_seq_to_heads_start(tensors, layout, group)
-    return staged_seq_to_heads_start(tensors, layout, group)
+    placement = layout.ulysses_placement
+    if placement.into_slots:
+        return slotted_seq_to_heads_start(tensors, placement, group)
+    return staged_seq_to_heads_start(tensors, placement, group)
 
 
 def heads_to_seq_start(
@@ -42,6 +43,7 @@ def heads_to_seq_start(
     """[b, U*s, h_i, d] each (ring-block order) -> after ``wait()``: copied into the run
     views ``destinations``. ``sent``, where set, is the sequence-major tensor that went out
     (the caller may keep it instead of its own output)."""
-    if layout.receives_into_slots:
-        return slotted_heads_to_seq_start(tensors, destinations, layout, group)
-    return staged_heads_to_seq_start(tensors, destinations, layout, group)
+    placement = layout.ulysses_placement
+    if placement.into_slots:
+        return slotted_heads_to_seq_start(tensors, destinations, placement, group)
+    return staged_heads_to_seq_start(tensors, destinations, placement, group)

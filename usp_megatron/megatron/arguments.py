@@ -21,7 +21,7 @@ import os
 from usp_megatron.checks import check_positive_int
 from usp_megatron.degrees import CostModel, degree_costs, pick
 from usp_megatron.kernels import BACKENDS
-from usp_megatron.layout import RING_IMPLS, check_seq_len
+from usp_megatron.layout import LAYOUT_NAMES, SequenceLayout, get_layout
 from usp_megatron.megatron.validation import (
     check_attention_options,
     check_context_parallel,
@@ -127,7 +127,7 @@ def add_usp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--usp-ring-impl",
-        choices=RING_IMPLS,
+        choices=LAYOUT_NAMES,
         default="zigzag",
         help="Sequence layout of the ring: zigzag (Megatron's own split, load-balanced), "
         "stripe (token t on ring rank t %% R) or basic (contiguous chunks).",
@@ -157,6 +157,16 @@ def _degrees(args: argparse.Namespace) -> tuple[int | str, int | None]:
     if r is not None:
         check_positive_int("--usp-ring-degree", r, "no ring")
     return u, r
+
+
+def usp_layout(args: argparse.Namespace) -> SequenceLayout:
+    """The layout object the flags name (``--usp-ring-impl``) for their degrees: what every
+    hook and the example hand down, resolved here (once: one object per name and degrees).
+    Needs ``apply_usp_args`` to have resolved ``--usp-ulysses-degree auto``."""
+    u, r = _degrees(args)
+    if u == AUTO:
+        raise ValueError("--usp-ulysses-degree auto is resolved by apply_usp_args: run it first")
+    return get_layout(getattr(args, "usp_ring_impl", "zigzag"), u, r or 1)
 
 
 def usp_enabled(args: argparse.Namespace) -> bool:
@@ -279,7 +289,7 @@ def validate_usp_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("--usp-ulysses-degree auto is resolved by apply_usp_args: run it first")
     if not usp_enabled(args):
         return args
-    u, r, impl = args.usp_ulysses_degree, args.usp_ring_degree or 1, args.usp_ring_impl
+    u, r = args.usp_ulysses_degree, args.usp_ring_degree or 1
     check_context_parallel(
         u, r, args.context_parallel_size, getattr(args, "hierarchical_context_parallel_sizes", None)
     )
@@ -297,14 +307,15 @@ def validate_usp_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("--cp-comm-type is resolved by apply_usp_args: run it first")
     for value in _cp_comm_types(comm):
         check_cp_comm_type(value, u, r)
-    check_seq_len(args.seq_length, u, r, impl)
+    layout = usp_layout(args)
+    layout.check_seq_len(args.seq_length)
     check_attention_options(
         attention_dropout=getattr(args, "attention_dropout", 0.0),
         multi_latent_attention=getattr(args, "multi_latent_attention", False),
         softmax_type=getattr(args, "softmax_type", "vanilla"),
         window_size=getattr(args, "window_size", None),
     )
-    check_position_embedding(getattr(args, "position_embedding_type", "rope"), impl)
+    check_position_embedding(getattr(args, "position_embedding_type", "rope"), layout)
     refused = {
         "use_legacy_models": "--use-legacy-models (USP is a megatron-core module)",
         "reset_attention_mask": "--reset-attention-mask (document masks are not causal masks)",

@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
+from usp_megatron.checks import renamed_keyword
 from usp_megatron.groups import USPGroups
+from usp_megatron.layout import LayoutArg, resolve_layout
 from usp_megatron.megatron.packed_batch import attach_packed_batch
 from usp_megatron.megatron.process_groups import usp_groups_from_megatron
-from usp_megatron.megatron.rope import use_vectorised_packed_rope
 from usp_megatron.sharding import shard_sequence
 
 #: Megatron-LM's own hybrid context parallelism, which does not compose with USP.
@@ -51,17 +52,24 @@ def get_thd_batch_on_this_usp_rank(
     cu_seqlens: torch.Tensor,
     cu_seqlens_padded: torch.Tensor | None,
     max_seqlen: torch.Tensor | int | None,
-    ring_impl: str = "zigzag",
+    layout: LayoutArg = "zigzag",
     groups: USPGroups | None = None,
+    *,
+    ring_impl: str | None = None,
 ) -> tuple[dict[str, Any], PackedSeqParams]:
     """Megatron's ``get_thd_batch_on_this_cp_rank`` for USP: ``(batch, packed_seq_params)``,
     each per-token tensor ``[1, t]`` cut to this rank's tokens (the packing entries and the
     attention mask kept), and the ``PackedSeqParams(qkv_format="thd")`` the model takes.
 
+    ``layout``: the dense layout (a name or the object) the packed one derives from.
     ``cu_seqlens_padded=None``: no padding. ``max_seqlen``: the longest (padded) document,
     which sizes the RoPE table, as in Megatron (None: computed from ``cu_seqlens_padded``).
     """
+    layout = renamed_keyword(
+        "get_thd_batch_on_this_usp_rank", "ring_impl", "layout", ring_impl, layout, "zigzag"
+    )
     g = groups if groups is not None else usp_groups_from_megatron()
+    dense = resolve_layout(layout, g.ulysses_degree, g.ring_degree)
     cu_seqlens = _one_dim("cu_seqlens", cu_seqlens)
     padded = (
         cu_seqlens
@@ -69,8 +77,7 @@ def get_thd_batch_on_this_usp_rank(
         else _one_dim("cu_seqlens_padded", cu_seqlens_padded)
     )
     # The batch's layout, once: every layer's attention and RoPE read it from `padded`.
-    packed = attach_packed_batch(padded, cu_seqlens, ring_impl, g)
-    use_vectorised_packed_rope()
+    packed = attach_packed_batch(padded, cu_seqlens, dense, g)
     if max_seqlen is None:
         max_seqlen = packed.layout.longest_padded
     elif isinstance(max_seqlen, torch.Tensor):
@@ -93,15 +100,23 @@ def get_thd_batch_on_this_usp_rank(
 
 
 def get_batch_on_this_usp_rank(
-    batch: dict[str, Any], ring_impl: str = "zigzag", groups: USPGroups | None = None
+    batch: dict[str, Any],
+    layout: LayoutArg = "zigzag",
+    groups: USPGroups | None = None,
+    *,
+    ring_impl: str | None = None,
 ) -> dict[str, Any]:
-    """A new dict with each tensor of ``batch`` cut to this rank's positions (None kept).
+    """A new dict with each tensor of ``batch`` cut to this rank's positions under
+    ``layout`` (a name or the layout object; None entries kept).
 
     A batch with ``cu_seqlens`` (packed documents) is split by
     :func:`get_thd_batch_on_this_usp_rank` and gets the model's ``PackedSeqParams`` under
     ``"packed_seq_params"``. ``groups`` defaults to the ones Megatron's ``parallel_state``
     holds.
     """
+    layout = renamed_keyword(
+        "get_batch_on_this_usp_rank", "ring_impl", "layout", ring_impl, layout, "zigzag"
+    )
     hybrid = [key for key in HYBRID_CP_KEYS if batch.get(key) is not None]
     if hybrid:
         raise ValueError(
@@ -117,15 +132,16 @@ def get_batch_on_this_usp_rank(
     if batch.get("cu_seqlens") is not None:
         split, params = get_thd_batch_on_this_usp_rank(
             batch, batch["cu_seqlens"], batch.get("cu_seqlens_padded"),
-            batch.get("max_seqlen"), ring_impl, g,
+            batch.get("max_seqlen"), layout, g,
         )  # fmt: skip
         split["packed_seq_params"] = params
         return split
     if g.cp_size == 1:
         return dict(batch)
+    dense = resolve_layout(layout, g.ulysses_degree, g.ring_degree)
     return {
         key: None
         if value is None
-        else shard_sequence(value, 2 if key == "attention_mask" else 1, g, ring_impl)
+        else shard_sequence(value, 2 if key == "attention_mask" else 1, g, dense)
         for key, value in batch.items()
     }

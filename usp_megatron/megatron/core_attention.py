@@ -26,9 +26,11 @@ from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.core.utils import get_pg_size, log_single_rank
 
 from usp_megatron.attention import LongContextAttention
+from usp_megatron.checks import renamed_keyword
 from usp_megatron.heads import head_split
-from usp_megatron.layout import layout_type
+from usp_megatron.layout import LayoutArg
 from usp_megatron.megatron.packed_batch import attach_packed_batch
+from usp_megatron.megatron.packed_rope import use_vectorised_packed_rope
 from usp_megatron.megatron.process_groups import usp_groups_from_megatron
 from usp_megatron.megatron.validation import (
     check_attention_options,
@@ -99,14 +101,18 @@ class USPAttention(MegatronModule):
         softmax_scale: float | None = None,
         cp_comm_type: str | None = None,
         pg_collection: Any = None,
-        ring_impl: str = "zigzag",
+        layout: LayoutArg = "zigzag",
         backend: str = "auto",
         rope_sliced_for_layout: bool = False,
+        ring_impl: str | None = None,
     ) -> None:
-        """``rope_sliced_for_layout``: the caller guarantees that the model's positions
-        (RoPE, position ids) are those of ``ring_impl``'s layout (the Megatron-LM hooks
-        do); otherwise ``use_usp_rotary_embedding`` confirms it after the model is built."""
+        """``layout``: the sequence layout, a name or the object for these groups' degrees
+        (``ring_impl=``: its old name). ``rope_sliced_for_layout``: the caller guarantees
+        that the model's positions (RoPE, position ids) are those of the layout (the
+        Megatron-LM hooks do); otherwise ``use_usp_rotary_embedding`` confirms it after the
+        model is built."""
         super().__init__(config=config)
+        layout = renamed_keyword("USPAttention", "ring_impl", "layout", ring_impl, layout, "zigzag")
         if attention_type != "self":
             raise ValueError(
                 f"USP attention is self-attention only, got attention_type={attention_type!r}"
@@ -142,16 +148,16 @@ class USPAttention(MegatronModule):
         self.softmax_scale = (
             softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         )
-        self.attention = LongContextAttention(self.groups, ring_impl=ring_impl, backend=backend)
+        self.attention = LongContextAttention(self.groups, layout=layout, backend=backend)
+        use_vectorised_packed_rope()  # for packed batches, whoever made their boundaries
         # Local and global layers alternate by Megatron's own rule (window_attn_skip_freq).
         windowed = is_layer_window_attention(
             config.window_size, config.window_attn_skip_freq, max(1, layer_number)
         )
         self.window_size = tuple(config.window_size) if windowed else None
+        layout_is_megatrons = self.attention.layout.megatron_split
         self.positions_confirmed = (
-            rope_sliced_for_layout
-            or layout_type(ring_impl).megatron_split
-            or self.groups.cp_size == 1
+            rope_sliced_for_layout or layout_is_megatrons or self.groups.cp_size == 1
         )
 
     def _forward_thd(
@@ -170,7 +176,7 @@ class USPAttention(MegatronModule):
         if with_batch and query.shape[1] != 1:
             raise ValueError(f"THD query must be [t, 1, heads, hn], got {tuple(query.shape)}")
         padded = cu_seqlens if cu_seqlens_padded is None else cu_seqlens_padded
-        packed = attach_packed_batch(padded, cu_seqlens, self.attention.ring_impl, self.groups)
+        packed = attach_packed_batch(padded, cu_seqlens, self.attention.layout, self.groups)
         # [t, heads, hn] or [t, 1, heads, hn] -> [1, t, heads, hn]
         q, k, v = (t.reshape(1, t.shape[0], *t.shape[-2:]) for t in (query, key, value))
         out = self.attention(
@@ -212,12 +218,12 @@ class USPAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError("USP attention does not take an attention_bias")
         if not self.positions_confirmed:
-            impl = self.attention.ring_impl
+            name = self.attention.layout.name
             raise ValueError(
-                f"ring_impl={impl!r} holds other tokens than Megatron's context-parallel split, "
+                f"the {name} layout holds other tokens than Megatron's context-parallel split, "
                 f"so Megatron's RoPE slice would be wrong: call usp_megatron.megatron."
-                f"use_usp_rotary_embedding(model, {impl!r}) once after building the model "
-                "(or use ring_impl='zigzag', which needs no call)"
+                f"use_usp_rotary_embedding(model, {name!r}) once after building the model "
+                "(or use the zigzag layout, which needs no call)"
             )
         mask_type = self._check_mask_type(
             self.attn_mask_type if attn_mask_type is None else attn_mask_type
@@ -234,4 +240,4 @@ class USPAttention(MegatronModule):
             window_size=self.window_size,
         )
         sq, b = query.shape[0], query.shape[1]
-        return out.transpose(0, 1).reshape(sq, b, -1)
+        return out.transpose(0, 1).reshape(sq, b, -1)  # [b, s, np, hn] -> [s, b, np * hn]

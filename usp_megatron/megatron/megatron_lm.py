@@ -29,11 +29,11 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from usp_megatron.layout import layout_type
 from usp_megatron.megatron.arguments import (
     add_usp_args,
     apply_usp_args,
     usp_enabled,
+    usp_layout,
     validate_usp_args,
 )
 from usp_megatron.megatron.batch import (
@@ -118,7 +118,7 @@ def wrap_core_attention(core_attention: Callable, get_args: Callable) -> Callabl
             return core_attention(self)
         # The hooks also build the RoPE of the layout (wrap_rotary_embedding).
         return usp_core_attention(
-            args.usp_ring_impl, args.usp_attn_backend, rope_sliced_for_layout=True
+            usp_layout(args), args.usp_attn_backend, rope_sliced_for_layout=True
         )
 
     return _mark(hooked)
@@ -134,7 +134,7 @@ def wrap_batch_split(get_batch_on_this_cp_rank: Callable, get_args: Callable) ->
         args = get_args()
         if not usp_enabled(args):
             return get_batch_on_this_cp_rank(batch, *rest, **kwargs)
-        return get_batch_on_this_usp_rank(batch, ring_impl=args.usp_ring_impl)
+        return get_batch_on_this_usp_rank(batch, layout=usp_layout(args))
 
     return _mark(hooked)
 
@@ -156,7 +156,7 @@ def wrap_thd_batch_split(get_thd_batch_on_this_cp_rank: Callable, get_args: Call
                 batch, cu_seqlens, cu_seqlens_padded, max_seqlen, *rest, **kwargs
             )
         return get_thd_batch_on_this_usp_rank(
-            batch, cu_seqlens, cu_seqlens_padded, max_seqlen, ring_impl=args.usp_ring_impl
+            batch, cu_seqlens, cu_seqlens_padded, max_seqlen, layout=usp_layout(args)
         )
 
     return _mark(hooked)
@@ -169,8 +169,8 @@ def wrap_rotary_embedding(rotary_embedding: type, get_args: Callable) -> Callabl
 
     def build(*a: Any, **kwargs: Any) -> Any:
         args = get_args()
-        if usp_enabled(args) and not layout_type(args.usp_ring_impl).megatron_split:
-            return USPRotaryEmbedding(*a, ring_impl=args.usp_ring_impl, **kwargs)
+        if usp_enabled(args) and not usp_layout(args).megatron_split:
+            return USPRotaryEmbedding(*a, layout=usp_layout(args), **kwargs)
         return rotary_embedding(*a, **kwargs)
 
     return _mark(build)

@@ -17,8 +17,9 @@ from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from usp_megatron.checks import renamed_keyword
 from usp_megatron.kernels import check_backend
-from usp_megatron.layout import check_ring_impl
+from usp_megatron.layout import LayoutArg, check_layout_name
 from usp_megatron.megatron.core_attention import USPAttention
 from usp_megatron.megatron.validation import check_attention_options
 
@@ -28,23 +29,33 @@ class USPCoreAttention:
     """What goes in ``SelfAttentionSubmodules.core_attention``. Megatron calls that slot
     directly with the ``DotProductAttention`` arguments (a ``ModuleSpec`` would not be
     built there), so this is a callable that adds USP's own settings; being a dataclass,
-    two specs with the same settings compare equal."""
+    two specs with the same settings compare equal. ``layout``: a name, or the layout
+    object itself where the degrees are known when the spec is built."""
 
-    ring_impl: str = "zigzag"
+    layout: LayoutArg = "zigzag"
     backend: str = "auto"
     rope_sliced_for_layout: bool = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> USPAttention:
-        return USPAttention(*args, **kwargs, **dataclasses.asdict(self))
+        settings = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return USPAttention(*args, **kwargs, **settings)
 
 
 def usp_core_attention(
-    ring_impl: str = "zigzag", backend: str = "auto", rope_sliced_for_layout: bool = False
+    layout: LayoutArg = "zigzag",
+    backend: str = "auto",
+    rope_sliced_for_layout: bool = False,
+    *,
+    ring_impl: str | None = None,
 ) -> USPCoreAttention:
     """The ``core_attention`` slot for USP (see :class:`USPCoreAttention`)."""
-    check_ring_impl(ring_impl)
+    layout = renamed_keyword(
+        "usp_core_attention", "ring_impl", "layout", ring_impl, layout, "zigzag"
+    )
+    if isinstance(layout, str):
+        check_layout_name(layout)
     check_backend(backend)
-    return USPCoreAttention(ring_impl, backend, rope_sliced_for_layout)
+    return USPCoreAttention(layout, backend, rope_sliced_for_layout)
 
 
 def _same(new: Any, old: Any) -> bool:
@@ -77,23 +88,39 @@ def _swap(node: Any, core_attention: USPCoreAttention) -> Any:
     return node
 
 
-def with_usp_attention(spec: Any, ring_impl: str = "zigzag", backend: str = "auto") -> Any:
+def with_usp_attention(
+    spec: Any, layout: LayoutArg = "zigzag", backend: str = "auto", *, ring_impl: str | None = None
+) -> Any:
     """A copy of ``spec`` whose self-attention core is USP; the original is not changed."""
-    return _swap(spec, usp_core_attention(ring_impl, backend))
+    layout = renamed_keyword(
+        "with_usp_attention", "ring_impl", "layout", ring_impl, layout, "zigzag"
+    )
+    return _swap(spec, usp_core_attention(layout, backend))
 
 
 def get_gpt_layer_usp_spec(
-    ring_impl: str = "zigzag", backend: str = "auto", **local_spec_options: Any
+    layout: LayoutArg = "zigzag",
+    backend: str = "auto",
+    *,
+    ring_impl: str | None = None,
+    **local_spec_options: Any,
 ) -> ModuleSpec:
     """``get_gpt_layer_local_spec(**local_spec_options)`` with USP core attention."""
+    layout = renamed_keyword(
+        "get_gpt_layer_usp_spec", "ring_impl", "layout", ring_impl, layout, "zigzag"
+    )
     if local_spec_options.get("multi_latent_attention"):
         check_attention_options(multi_latent_attention=True)
     spec = gpt_layer_specs.get_gpt_layer_local_spec(**local_spec_options)
-    return with_usp_attention(spec, ring_impl, backend)
+    return with_usp_attention(spec, layout, backend)
 
 
 def get_gpt_layer_usp_te_spec(
-    ring_impl: str = "zigzag", backend: str = "auto", **te_spec_options: Any
+    layout: LayoutArg = "zigzag",
+    backend: str = "auto",
+    *,
+    ring_impl: str | None = None,
+    **te_spec_options: Any,
 ) -> ModuleSpec:
     """``get_gpt_layer_with_transformer_engine_spec(...)`` with USP core attention.
 
@@ -104,7 +131,10 @@ def get_gpt_layer_usp_te_spec(
             "get_gpt_layer_usp_te_spec needs transformer_engine; use get_gpt_layer_usp_spec "
             "(megatron-core's own layers) without it"
         )
+    layout = renamed_keyword(
+        "get_gpt_layer_usp_te_spec", "ring_impl", "layout", ring_impl, layout, "zigzag"
+    )
     if te_spec_options.get("multi_latent_attention"):
         check_attention_options(multi_latent_attention=True)
     spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**te_spec_options)
-    return with_usp_attention(spec, ring_impl, backend)
+    return with_usp_attention(spec, layout, backend)

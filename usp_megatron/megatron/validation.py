@@ -7,7 +7,7 @@ Megatron-LM flag validation, so every entry point refuses the same things in the
 from __future__ import annotations
 
 from usp_megatron.checks import check_degrees, check_window
-from usp_megatron.layout import layout_type
+from usp_megatron.layout import SequenceLayout
 
 
 def heads_per_tp_rank(num_attention_heads: int, tensor_parallel_size: int) -> int:
@@ -79,13 +79,50 @@ def check_attention_options(
     check_window(window_size)
 
 
-def check_position_embedding(position_embedding_type: str, ring_impl: str) -> None:
+def check_position_embedding(position_embedding_type: str, layout: SequenceLayout) -> None:
     """Only RoPE (and position ids) get the plugin's own slice for stripe and basic."""
-    if not layout_type(ring_impl).megatron_split and position_embedding_type in ("yarn", "mrope"):
+    if not layout.megatron_split and position_embedding_type in ("yarn", "mrope"):
         raise ValueError(
             f"position_embedding_type={position_embedding_type!r} is sliced by Megatron for "
             f"the zigzag layout only; use --usp-ring-impl zigzag, or 'rope' / "
-            f"'learned_absolute' / 'none' with ring_impl={ring_impl!r}"
+            f"'learned_absolute' / 'none' with the {layout.name} layout"
+        )
+
+
+def check_packed_documents(
+    layout: SequenceLayout,
+    window_size: object,
+    heads_per_tp_rank: int,
+    ulysses_degree: int,
+    what: str = "packed documents",
+) -> None:
+    """What USP attention refuses for packed documents (THD), said before a model is built:
+    ``what`` names the flag that asks for them (e.g. ``--pack-documents``)."""
+    if not layout.takes_documents:
+        raise ValueError(
+            f"{what} needs --usp-ring-impl zigzag, got {layout.name}: the context-parallel "
+            f"split of packed documents is the zigzag of every document; drop --usp-ring-impl "
+            f"or {what}"
+        )
+    try:
+        window = check_window(None if window_size is None else tuple(window_size))
+    except (TypeError, ValueError):
+        window = None  # a malformed window is refused with its own message
+    if window is not None:
+        shown = " ".join(map(str, window_size))
+        raise ValueError(
+            f"--window-size {shown} with {what} is not supported: packed documents attend "
+            "over their whole document; drop one of them"
+        )
+    if heads_per_tp_rank % ulysses_degree:
+        cp = layout.cp_size
+        divisors = [
+            d for d in range(1, heads_per_tp_rank + 1) if heads_per_tp_rank % d == 0 and cp % d == 0
+        ]
+        raise ValueError(
+            f"{what} needs the {heads_per_tp_rank} query heads of a tensor-parallel rank to "
+            f"split evenly over --usp-ulysses-degree {ulysses_degree} (packed documents take "
+            f"no uneven head split): use a ulysses degree among {divisors}, or drop {what}"
         )
 
 
