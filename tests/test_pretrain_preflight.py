@@ -18,7 +18,7 @@ from usp_megatron.testing import run_distributed
 example_on_path()
 
 from arguments import parse_args  # noqa: E402
-from preflight import ConfigError, check_configuration  # noqa: E402
+from preflight import ConfigError, attention_kernel, check_configuration  # noqa: E402
 from report import Reporter, banner, gpt_flops_per_iteration  # noqa: E402
 
 U2R2 = ["--usp-ulysses-degree", "2", "--usp-ring-degree", "2"]
@@ -135,6 +135,33 @@ def test_flop_formula_against_counting_every_matrix_multiply():
         vocab_size=v,
     )
     assert formula == pytest.approx(expected, rel=1e-12)
+
+
+def test_banner_names_the_kernel_each_kind_of_layer_runs(monkeypatch):
+    """The kernel named is the one the layers get: windows and packed documents are their
+    own kind of call (cudnn where present), alternating layers name both."""
+    import usp_megatron.kernels as kernels
+
+    for kernel in kernels._KERNELS.values():  # as on a GPU machine with every kernel
+        monkeypatch.setattr(kernel, "available", lambda device, dtype: device.type == "cuda")
+    cuda = torch.device("cuda")
+
+    def kernel_of(*flags):
+        return attention_kernel(parse_args([*U2R2, "--bf16", *flags]), cuda, torch.bfloat16)
+
+    assert kernel_of()[0] == "torch_cudnn"
+    assert kernel_of("--window-size", "64", "0")[0] == "cudnn"
+    assert kernel_of("--pack-documents")[0] == "cudnn"
+    assert kernel_of("--window-size", "64", "0", "--window-attn-skip-freq", "2")[0] == (
+        "cudnn (windowed layers), torch_cudnn (full-length layers)"
+    )
+    name, why = kernel_of("--usp-attn-backend", "torch_window", "--window-size", "64", "0")
+    assert name == "torch_window" and why == "--usp-attn-backend torch_window"
+    with pytest.raises(ConfigError, match="torch_cudnn with --window-size: .* no sliding-window"):
+        kernel_of("--usp-attn-backend", "torch_cudnn", "--window-size", "64", "0")
+    monkeypatch.undo()
+    cpu_args = parse_args([*U2R2, "--window-size", "64", "0"])
+    assert attention_kernel(cpu_args, torch.device("cpu"), torch.float32)[0] == "reference"
 
 
 def test_banner_names_kernel_layout_and_heads_per_rank():

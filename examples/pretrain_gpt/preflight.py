@@ -25,6 +25,7 @@ from corpus import ByteTokenizer, default_documents
 from data import tokenizer_for
 from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
 
+from usp_megatron.checks import check_window
 from usp_megatron.kernels import available_backends, get_kernel
 from usp_megatron.kernels.flash_attn import flash_attn_importable
 from usp_megatron.megatron import apply_usp_args, validate_usp_args
@@ -285,26 +286,39 @@ def _check_schedule(args: argparse.Namespace) -> None:
 def attention_kernel(
     args: argparse.Namespace, device: torch.device, dtype: torch.dtype
 ) -> tuple[str, str]:
-    """The local attention kernel this run will use, and why that one."""
+    """The local attention kernel this run's layers will use (each kind, where windowed and
+    full-length layers alternate), and why that one."""
     if args.megatron_attention:
         return "Megatron DotProductAttention", "--megatron-attention"
     backend = args.usp_attn_backend
     try:
-        kernel = get_kernel(backend, device, dtype)
+        window = check_window(None if args.window_size is None else tuple(args.window_size))
     except ValueError:
-        raise ConfigError(_backend_refusal(backend, device, dtype)) from None
-    name = kernel.name
-    if name == "torch":
-        name = f"torch -> {kernel.pick(device, dtype).name}"
+        window = None  # a malformed window is refused with its own message
+    documents = bool(args.pack_documents)
+    kinds = {"": window is not None}
+    if window is not None and args.window_attn_skip_freq:
+        kinds = {"windowed layers": True, "full-length layers": False}
+    chosen = {}
+    for layers, windows in kinds.items():
+        try:
+            chosen[layers] = get_kernel(backend, device, dtype, windows, documents).name
+        except ValueError as error:
+            if backend not in available_backends(device, dtype):
+                raise ConfigError(_backend_refusal(backend, device, dtype)) from None
+            flag = "--window-size" if windows else "--pack-documents"
+            raise ConfigError(f"--usp-attn-backend {backend} with {flag}: {error}") from None
+    if len(set(chosen.values())) == 1:
+        name = next(iter(chosen.values()))
+    else:
+        name = ", ".join(f"{kernel} ({layers})" for layers, kernel in chosen.items())
     if backend != "auto":
         return name, f"--usp-attn-backend {backend}"
     if device.type != "cuda":
         return name, "auto on CPU: the plain-torch kernel"
-    if kernel.name == "flash_attn":
-        return name, "auto: flash-attn is installed"
     if dtype == torch.float32:
         return name, "auto in float32: cuDNN and flash kernels need --bf16"
-    return name, "auto: flash-attn not installed, PyTorch's fastest SDPA op"
+    return name, "auto: the first kernel present of usp_megatron.kernels.PREFERENCE"
 
 
 def _backend_refusal(backend: str, device: torch.device, dtype: torch.dtype) -> str:
