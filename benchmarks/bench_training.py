@@ -9,6 +9,8 @@ Run from the repository root on a GPU machine:
         --configs dense packed packed8 window4096 --out runs/train_64k
     python benchmarks/bench_training.py --longest --budget-s 300 --out runs/longest
 
+(``--seq-lengths 16384 65536 --num-layers 24 8`` runs both tables in one worker.)
+
 Table: every configuration at every ``--seq-lengths`` for ``--iters`` iterations (default
 6); a row is the median of the steady iterations (the first ``--skip``, default 2, left
 out): tokens/s, MFU, seconds per iteration, peak memory, host synchronisations per
@@ -28,7 +30,8 @@ FLOPs of attention over the keys a query sees) does not fit what is left of its 
 skipped, and the row says so. The command ends within about ``--budget-s`` + 60 s.
 
 The model is the example's 1.3B GPT (24 layers, hidden 2048, 16 query / 8 key-value heads,
-bf16, micro batch 1, one sequence per GPU) unless ``--num-layers`` says otherwise. All runs
+bf16, micro batch 1, one sequence per GPU) unless ``--num-layers`` says otherwise (one value,
+or one per length). All runs
 of a table (or of one ``--longest`` series) train in one torchrun worker process through
 the example's ``train()``, so imports, the process group and the corpus are paid once; the
 weights are drawn on the GPU (``--device-initialization``; ``--cpu-initialization`` for the
@@ -73,7 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq-lengths", type=int, nargs="+", default=[16384])
     parser.add_argument("--configs", nargs="+", choices=tuple(CONFIGS), default=TABLE_CONFIGS)
-    parser.add_argument("--num-layers", type=int, default=24)
+    parser.add_argument(
+        "--num-layers",
+        type=int,
+        nargs="+",
+        default=[24],
+        help="one for every length, or one per --seq-lengths entry (e.g. 24 8 for 16K 64K)",
+    )
     parser.add_argument("--iters", type=int, default=None, help="default 6; --longest 3")
     parser.add_argument(
         "--skip", type=int, default=None, help="warm-up iterations not counted (2; --longest 1)"
@@ -100,6 +109,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.name = args.name or ("train_longest" if args.longest else "train_speed")
     if not 0 <= args.skip < args.iters or args.iters < 2:
         parser.error(f"--iters {args.iters} must be at least 2 and above --skip {args.skip}")
+    per_length = len(args.num_layers) == len(args.seq_lengths) and not args.longest
+    if len(args.num_layers) != 1 and not per_length:
+        layers = " ".join(map(str, args.num_layers))
+        parser.error(
+            f"--num-layers {layers}: give one value, or (a table) one per --seq-lengths entry"
+        )
     if args.longest and args.gpus != 1:
         parser.error(f"--longest measures one GPU (an out-of-memory rank would leave the "
                      f"others waiting): drop --gpus {args.gpus}")  # fmt: skip
@@ -109,10 +124,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def layers_at(args: argparse.Namespace, seq_len: int) -> int:
+    """The model's layers at this length (--num-layers: one, or one per length)."""
+    if len(args.num_layers) == 1:
+        return args.num_layers[0]
+    return args.num_layers[args.seq_lengths.index(seq_len)]
+
+
 def example_argv(args: argparse.Namespace, config: str, seq_len: int) -> list[str]:
     """The example's flags for one run."""
     flags = [
-        "--num-layers", str(args.num_layers), "--hidden-size", str(MODEL["hidden"]),
+        "--num-layers", str(layers_at(args, seq_len)), "--hidden-size", str(MODEL["hidden"]),
         "--num-attention-heads", str(MODEL["heads"]), "--num-query-groups",
         str(MODEL["kv_heads"]), "--seq-length", str(seq_len), "--micro-batch-size", "1",
         "--global-batch-size", str(args.gpus), "--bf16", "--train-iters", str(args.iters),
@@ -324,7 +346,7 @@ def run_worker(args: argparse.Namespace, name: str, spec: dict, timeout_s: float
 
 
 def _run_entry(args: argparse.Namespace, config: str, seq_len: int) -> dict:
-    return {"config": config, "seq_len": seq_len, "num_layers": args.num_layers,
+    return {"config": config, "seq_len": seq_len, "num_layers": layers_at(args, seq_len),
             "argv": example_argv(args, config, seq_len)}  # fmt: skip
 
 

@@ -32,6 +32,8 @@ def test_flags_and_their_refusals(capsys):
     table = bench.parse_args([])
     assert (table.iters, table.skip, table.name) == (6, 2, "train_speed")
     assert table.configs == ["dense", "packed", "packed8", "window4096", "megatron_grad_norm"]
+    both = bench.parse_args(["--seq-lengths", "16384", "65536", "--num-layers", "24", "8"])
+    assert [bench.layers_at(both, s) for s in (16384, 65536)] == [24, 8]
     longest = bench.parse_args(["--longest"])
     assert (longest.iters, longest.skip, longest.name) == (3, 1, "train_longest")
     argv = bench.example_argv(longest, "window4096", 65536)
@@ -42,6 +44,8 @@ def test_flags_and_their_refusals(capsys):
     for flags, message in [
         (["--longest", "--gpus", "2"], "--longest measures one GPU"),
         (["--iters", "1", "--skip", "0"], "--iters 1 must be at least 2"),
+        (["--seq-lengths", "16384", "--num-layers", "24", "8"], "--num-layers 24 8: give one"),
+        (["--longest", "--num-layers", "24", "8"], "(a table) one per --seq-lengths entry"),
         (["--longest", "--start-seq-length", "65536", "--max-seq-length", "32768"],
          "at most --max-seq-length 32768"),
     ]:  # fmt: skip
