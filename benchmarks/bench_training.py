@@ -327,8 +327,15 @@ def run_worker(args: argparse.Namespace, name: str, spec: dict, timeout_s: float
         try:
             rc = process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            process.kill()
-            rc = f"killed after {timeout_s:.0f} s (--budget-s)"
+            # torchrun passes SIGTERM on to its workers (each in a session of its own, where
+            # a kill of torchrun alone would leave them holding the GPU).
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            rc = f"stopped after {timeout_s:.0f} s (--budget-s)"
     worker = json.loads(result.read_text()) if result.exists() else {"runs": []}
     result.unlink(missing_ok=True)
     lines = log.read_text(errors="replace").splitlines()
