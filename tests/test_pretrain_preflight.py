@@ -23,6 +23,7 @@ from report import Reporter, banner, gpt_flops_per_iteration  # noqa: E402
 
 U2R2 = ["--usp-ulysses-degree", "2", "--usp-ring-degree", "2"]
 PACKED = ["--pack-documents", *U2R2]
+FULL = ["--recompute-granularity", "full", "--recompute-method"]
 
 # (flags, world size, what the one message must say)
 REFUSED = [
@@ -48,6 +49,21 @@ REFUSED = [
      "8 query heads of a tensor-parallel rank to split evenly over --usp-ulysses-degree 3"),
     ([*PACKED, "--pack-pad-multiple", "4"], 4, "--pack-pad-multiple 4: the context-parallel"),
     ([*PACKED, "--pack-pad-multiple", "12"], 4, "use --pack-pad-multiple 16, or leave it out"),
+    # Activation recompute: what TransformerConfig would refuse, or silently ignore.
+    (["--recompute-method", "uniform"], 1, "--recompute-method needs --recompute-granularity"),
+    (["--recompute-modules", "core_attn"], 1, "selective for --recompute-modules); add it"),
+    (["--recompute-granularity", "full"], 1, "add --recompute-method uniform --recompute-num-l"),
+    ([*FULL, "uniform", "--recompute-num-layers", "3", "--num-layers", "4"], 1,
+     "--recompute-num-layers 3 with --recompute-method uniform must divide --num-layers 4 "
+     "(every chunk of that many layers is recomputed): choose one of [1, 2, 4]"),
+    ([*FULL, "block", "--recompute-num-layers", "3"], 1, "choose 1 to --num-layers 2"),
+    ([*FULL, "uniform", "--recompute-num-layers", "1", "--recompute-modules", "core_attn"], 1,
+     "--recompute-modules core_attn applies to --recompute-granularity selective"),
+    (["--recompute-granularity", "selective", "--recompute-num-layers", "1"], 1,
+     "--recompute-num-layers applies to --recompute-granularity full, not selective"),
+    (["--recompute-granularity", "selective", "--recompute-modules", "mlp", "layernorm"], 1,
+     "--recompute-modules mlp layernorm: this driver's GPT (megatron-core's local layers) "
+     "recomputes only core_attn"),
 ]  # fmt: skip
 
 
@@ -174,6 +190,28 @@ def test_banner_names_kernel_layout_and_heads_per_rank():
     assert "heads 4 query / 1 key-value (model: 8 / 2)" in text
     assert "embedded corpus (Python's pydoc_data.topics, byte-level)" in text
     assert "no MFU (no peak on CPU" in text
+    assert "recompute  none: every activation is kept" in text
+    assert "grad norm  fused torch._foreach ops (megatron-core has neither" in text
+
+
+@pytest.mark.parametrize(
+    "flags, line",
+    [
+        ([*U2R2, "--recompute-granularity", "selective"], "recompute  selective: core_attn run "
+         "again in the backward of every layer (core_attn is USP attention: its all-to-all and "
+         "ring run again too)"),
+        ([*FULL, "uniform", "--recompute-num-layers", "2", "--num-layers", "4"], "recompute  "
+         "full, uniform: every layer runs again in the backward, from the kept input of each "
+         "chunk of 2 layers"),
+        ([*FULL, "block", "--recompute-num-layers", "1"], "recompute  full, block: the first 1 "
+         "of 2 layers run again in the backward"),
+        (["--usp-no-foreach-grad-norm"], "grad norm  megatron-core's per-tensor fallback"),
+    ],
+)  # fmt: skip
+def test_banner_says_what_is_recomputed_and_what_takes_the_grad_norm(flags, line):
+    args = parse_args([*flags, "--seq-length", "64"])
+    text = banner(args, check_configuration(args, 4 if "--usp-ring-degree" in flags else 1))
+    assert any(row.startswith(line) for row in text.splitlines()), text
 
 
 def test_log_line_reports_tflops_mfu_and_memory(tmp_path):
