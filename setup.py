@@ -24,6 +24,10 @@ setup(
     install_requires=["torch>=2.4", "megatron-core>=0.16.1,<0.20", "numpy", "einops", "psutil"],
     extras_require={
         "flash": ["flash-attn>=2.6"],
+        # The cuDNN frontend for backend 'cudnn' (windows, packed documents): 1.28 is the
+        # newest without a dependency on nvidia-cutlass-dsl (about 490 MB, required from
+        # 1.29), and the one run on an H100 (cuDNN 9.19).
+        "cudnn": ["nvidia-cudnn-frontend>=1.28,<1.29"],
         "te": ["transformer-engine"],
         "test": ["pytest>=8", "ruff==0.17.6", "matplotlib"],
         "plot": ["matplotlib"],

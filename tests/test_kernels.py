@@ -138,7 +138,7 @@ def test_windows_need_a_kernel_that_takes_them():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mask,sq,sk", BANDS)
-@pytest.mark.parametrize("backend", ["torch_flash", "torch_window", "flash_attn"])
+@pytest.mark.parametrize("backend", ["cudnn", "torch_flash", "torch_window", "flash_attn"])
 def test_gpu_kernel_bands_bf16(backend, mask, sq, sk):
     if backend not in available_backends("cuda", torch.bfloat16):
         pytest.skip(f"{backend} is not available on this machine")
@@ -147,10 +147,16 @@ def test_gpu_kernel_bands_bf16(backend, mask, sq, sk):
 
 
 @pytest.mark.gpu
-def test_gpu_windows_pick_tiled_cudnn_and_refuse_plain_cudnn():
-    assert get_kernel("torch", "cuda", torch.bfloat16, windows=True).name == "torch_window"
-    assert get_kernel("auto", "cuda", torch.bfloat16, windows=True).name == "torch_window"
-    assert get_kernel("torch", "cuda", torch.bfloat16, documents=True).name == "torch_flash"
+def test_gpu_windows_and_documents_pick_cudnn_frontend_else_pytorch_ops():
+    """Windows and documents go to the cuDNN frontend's kernel where it is installed, else
+    to the tiled cuDNN window kernel and PyTorch's varlen flash op; dense calls stay on
+    PyTorch's cuDNN op."""
+    frontend = "cudnn" in available_backends("cuda", torch.bfloat16)
+    windows = "cudnn" if frontend else "torch_window"
+    documents = "cudnn" if frontend else "torch_flash"
+    assert get_kernel("torch", "cuda", torch.bfloat16, windows=True).name == windows
+    assert get_kernel("auto", "cuda", torch.bfloat16, windows=True).name == windows
+    assert get_kernel("torch", "cuda", torch.bfloat16, documents=True).name == documents
     assert get_kernel("auto", "cuda", torch.bfloat16).name == "torch_cudnn"
     with pytest.raises(ValueError, match="no sliding-window kernel"):
         get_kernel("torch_cudnn", "cuda", torch.bfloat16, windows=True)

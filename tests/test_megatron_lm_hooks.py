@@ -15,6 +15,7 @@ from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from usp_megatron.layout import get_layout
+from usp_megatron.megatron.grad_norm import fallback_sites
 from usp_megatron.megatron.megatron_lm import (
     with_usp_args,
     wrap_core_attention,
@@ -108,6 +109,8 @@ def test_install_hooks_every_place_each_tag_looks(monkeypatch, tag):
         monkeypatch.setitem(sys.modules, name, module)
     replaced = [(LocalSpecProvider, "core_attention"), (core_utils, "get_batch_on_this_cp_rank"),
                 (gpt_model, "RotaryEmbedding")]  # fmt: skip
+    # megatron-core's fallback optimizer ops (no TransformerEngine or apex here)
+    replaced += [(site.module, site.name) for site in fallback_sites()]
     if hasattr(core_utils, "get_thd_batch_on_this_cp_rank"):
         replaced.append((core_utils, "get_thd_batch_on_this_cp_rank"))
     try:

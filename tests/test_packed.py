@@ -130,7 +130,7 @@ def test_varlen_flash_kernel_matches_reference_on_every_ring_block_pair(causal):
 
     layout, cu_padded = _layout(1, 4, [1, 70, 3, 129, 33])
     block_len = int(cu_padded[-1]) // 4
-    flash = get_kernel("torch", "cuda", torch.bfloat16, documents=True)
+    flash = get_kernel("torch_flash", "cuda", torch.bfloat16, documents=True)
     reference = get_kernel("reference", "cuda", torch.float32)
     gen = torch.Generator(device="cuda").manual_seed(0)
     problems = []

@@ -18,11 +18,12 @@ from usp_megatron.testing import run_distributed
 example_on_path()
 
 from arguments import parse_args  # noqa: E402
-from preflight import ConfigError, check_configuration  # noqa: E402
+from preflight import ConfigError, attention_kernel, check_configuration  # noqa: E402
 from report import Reporter, banner, gpt_flops_per_iteration  # noqa: E402
 
 U2R2 = ["--usp-ulysses-degree", "2", "--usp-ring-degree", "2"]
 PACKED = ["--pack-documents", *U2R2]
+FULL = ["--recompute-granularity", "full", "--recompute-method"]
 
 # (flags, world size, what the one message must say)
 REFUSED = [
@@ -86,6 +87,21 @@ REFUSED = [
     (["--save", __file__], 1, f"--save {__file__} is a file: give a directory"),
     (["--history-json", f"{__file__}/h.json"], 1, f"nothing can be written below {__file__}"),
     (["--history-json", "/"], 1, "--history-json / is a directory: give a file name"),
+    # Activation recompute: what TransformerConfig would refuse, or silently ignore.
+    (["--recompute-method", "uniform"], 1, "--recompute-method needs --recompute-granularity"),
+    (["--recompute-modules", "core_attn"], 1, "selective for --recompute-modules); add it"),
+    (["--recompute-granularity", "full"], 1, "add --recompute-method uniform --recompute-num-l"),
+    ([*FULL, "uniform", "--recompute-num-layers", "3", "--num-layers", "4"], 1,
+     "--recompute-num-layers 3 with --recompute-method uniform must divide --num-layers 4 "
+     "(every chunk of that many layers is recomputed): choose one of [1, 2, 4]"),
+    ([*FULL, "block", "--recompute-num-layers", "3"], 1, "choose 1 to --num-layers 2"),
+    ([*FULL, "uniform", "--recompute-num-layers", "1", "--recompute-modules", "core_attn"], 1,
+     "--recompute-modules core_attn applies to --recompute-granularity selective"),
+    (["--recompute-granularity", "selective", "--recompute-num-layers", "1"], 1,
+     "--recompute-num-layers applies to --recompute-granularity full, not selective"),
+    (["--recompute-granularity", "selective", "--recompute-modules", "mlp", "layernorm"], 1,
+     "--recompute-modules mlp layernorm: this driver's GPT (megatron-core's local layers) "
+     "recomputes only core_attn"),
 ]  # fmt: skip
 
 
@@ -224,6 +240,33 @@ def test_flop_formula_against_counting_every_matrix_multiply():
     assert formula == pytest.approx(expected, rel=1e-12)
 
 
+def test_banner_names_the_kernel_each_kind_of_layer_runs(monkeypatch):
+    """The kernel named is the one the layers get: windows and packed documents are their
+    own kind of call (cudnn where present), alternating layers name both."""
+    import usp_megatron.kernels as kernels
+
+    for kernel in kernels._KERNELS.values():  # as on a GPU machine with every kernel
+        monkeypatch.setattr(kernel, "available", lambda device, dtype: device.type == "cuda")
+    cuda = torch.device("cuda")
+
+    def kernel_of(*flags):
+        return attention_kernel(parse_args([*U2R2, "--bf16", *flags]), cuda, torch.bfloat16)
+
+    assert kernel_of()[0] == "torch_cudnn"
+    assert kernel_of("--window-size", "64", "0")[0] == "cudnn"
+    assert kernel_of("--pack-documents")[0] == "cudnn"
+    assert kernel_of("--window-size", "64", "0", "--window-attn-skip-freq", "2")[0] == (
+        "cudnn (windowed layers), torch_cudnn (full-length layers)"
+    )
+    name, why = kernel_of("--usp-attn-backend", "torch_window", "--window-size", "64", "0")
+    assert name == "torch_window" and why == "--usp-attn-backend torch_window"
+    with pytest.raises(ConfigError, match="torch_cudnn with --window-size: .* no sliding-window"):
+        kernel_of("--usp-attn-backend", "torch_cudnn", "--window-size", "64", "0")
+    monkeypatch.undo()
+    cpu_args = parse_args([*U2R2, "--window-size", "64", "0"])
+    assert attention_kernel(cpu_args, torch.device("cpu"), torch.float32)[0] == "reference"
+
+
 def test_banner_names_kernel_layout_and_heads_per_rank():
     args = parse_args([*U2R2, "--num-query-groups", "2", "--seq-length", "64"])
     text = banner(args, check_configuration(args, 8))
@@ -235,6 +278,28 @@ def test_banner_names_kernel_layout_and_heads_per_rank():
     assert "embedded corpus (Python's pydoc_data.topics, byte-level)" in text
     assert "no MFU (no peak on CPU" in text
     assert "window" not in text and "ignored" not in text and "resume" not in text
+    assert "recompute  none: every activation is kept" in text
+    assert "grad norm  fused torch._foreach ops (megatron-core has neither" in text
+
+
+@pytest.mark.parametrize(
+    "flags, line",
+    [
+        ([*U2R2, "--recompute-granularity", "selective"], "recompute  selective: core_attn run "
+         "again in the backward of every layer (core_attn is USP attention: its all-to-all and "
+         "ring run again too)"),
+        ([*FULL, "uniform", "--recompute-num-layers", "2", "--num-layers", "4"], "recompute  "
+         "full, uniform: every layer runs again in the backward, from the kept input of each "
+         "chunk of 2 layers"),
+        ([*FULL, "block", "--recompute-num-layers", "1"], "recompute  full, block: the first 1 "
+         "of 2 layers run again in the backward"),
+        (["--usp-no-foreach-grad-norm"], "grad norm  megatron-core's per-tensor fallback"),
+    ],
+)  # fmt: skip
+def test_banner_says_what_is_recomputed_and_what_takes_the_grad_norm(flags, line):
+    args = parse_args([*flags, "--seq-length", "64"])
+    text = banner(args, check_configuration(args, 4 if "--usp-ring-degree" in flags else 1))
+    assert any(row.startswith(line) for row in text.splitlines()), text
 
 
 def test_banner_shows_the_window_and_every_ranks_heads_when_uneven():

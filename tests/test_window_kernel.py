@@ -234,7 +234,7 @@ def _gpu_reference(q, k, v, dout, mask, scale):
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_gpu_tiled_window_bf16(shape, flip):
     sq, sk, lo, hi, hq, hkv, d = shape
-    chosen = get_kernel("torch", "cuda", torch.bfloat16, windows=True)
+    chosen = get_kernel("torch_window", "cuda", torch.bfloat16, windows=True)
     assert isinstance(chosen, TiledWindowKernel), chosen.name
     kernel = TiledWindowKernel(chosen.dense, chosen.windowed, flip_triangles=flip)
     q, k, v, dout = _inputs(sq, sk, hq, hkv, sq + sk, torch.bfloat16, "cuda", d=d, b=1)
@@ -253,15 +253,15 @@ def test_gpu_tiled_window_bf16(shape, flip):
 @pytest.mark.gpu
 @pytest.mark.parametrize("window,causal", [((1024, 0), True), ((512, 512), False)])
 def test_gpu_usp_attention_window_one_gpu(window, causal):
-    """``LongContextAttention`` on one GPU (backend 'torch': the tiled kernel) against
-    float64 attention with the same window."""
+    """``LongContextAttention`` on one GPU (backend 'torch_window': the tiled kernel)
+    against float64 attention with the same window."""
     import torch.distributed as dist
 
     from usp_megatron import LongContextAttention, init_usp_groups
 
     dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29541", rank=0, world_size=1)
     try:
-        attn = LongContextAttention(init_usp_groups(1, 1), backend="torch")
+        attn = LongContextAttention(init_usp_groups(1, 1), backend="torch_window")
         q, k, v, dout = _inputs(6144, 6144, 8, 4, 3, torch.bfloat16, "cuda", d=128, b=1)
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
         out = attn(*leaves, causal=causal, window_size=window)

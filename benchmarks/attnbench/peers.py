@@ -23,7 +23,9 @@ from usp_megatron.kernels import available_backends
 from .problems import Attend, Problem, Shard, shard_of
 
 # USP backends that are aliases or unfit for long sequences: run only when asked for.
-NOT_BY_DEFAULT = {"auto", "torch", "reference", "torch_efficient"}
+# ``cudnn`` (the cuDNN frontend's kernel) runs dense causal blocks on the same cuDNN
+# kernels as ``torch_cudnn`` (benchmarks/bench_cudnn.py measures the two side by side).
+NOT_BY_DEFAULT = {"auto", "torch", "reference", "torch_efficient", "cudnn"}
 SDPA_BACKENDS = {
     "cudnn": "CUDNN_ATTENTION",
     "flash": "FLASH_ATTENTION",
@@ -54,6 +56,8 @@ class Method:
         """The attention kernel underneath, comparable across families."""
         if self.backend in ("fa", "fa3"):
             return "flash_attn"
+        if self.family == "usp" and self.backend == "cudnn":
+            return "cudnn_frontend"  # ours through the cuDNN frontend, not PyTorch's op
         return self.backend.removeprefix("torch_")
 
     @property

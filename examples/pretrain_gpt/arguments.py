@@ -69,6 +69,48 @@ def build_parser() -> argparse.ArgumentParser:
         "only): an independent reference for loss parity",
     )
 
+    model.add_argument(
+        "--device-initialization",
+        action="store_true",
+        help="draw the initial weights on the GPU (megatron-core's use_cpu_initialization="
+        "False): a faster start for speed runs. Another model than the default CPU "
+        "initialisation, and one that depends on the tensor-parallel size (each TP rank draws "
+        "its own shard), so loss parity and checkpoint tests keep the default",
+    )
+
+    recompute = parser.add_argument_group("activation recompute (Megatron-LM's flags)")
+    recompute.add_argument(
+        "--recompute-granularity",
+        choices=("full", "selective"),
+        default=None,
+        help="full: keep only each recomputed layer's input and run the layer again in the "
+        "backward (needs --recompute-method and --recompute-num-layers); selective: run only "
+        "--recompute-modules again. Default: keep every activation",
+    )
+    recompute.add_argument(
+        "--recompute-method",
+        choices=("uniform", "block"),
+        default=None,
+        help="with full: uniform recomputes every layer, in chunks of --recompute-num-layers; "
+        "block recomputes only the first --recompute-num-layers layers",
+    )
+    recompute.add_argument(
+        "--recompute-num-layers",
+        type=int,
+        default=None,
+        help="with full: layers per chunk (uniform; must divide --num-layers) or layers "
+        "recomputed (block)",
+    )
+    recompute.add_argument(
+        "--recompute-modules",
+        nargs="+",
+        default=None,
+        metavar="MODULE",
+        help="with selective: what runs again in the backward; core_attn (the default and the "
+        "one megatron-core's local layers recompute: the attention itself, with USP its "
+        "all-to-all and ring too)",
+    )
+
     parallel = parser.add_argument_group("parallelism")
     parallel.add_argument("--tensor-model-parallel-size", type=int, default=1)
     parallel.add_argument(

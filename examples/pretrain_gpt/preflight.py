@@ -31,6 +31,7 @@ from usp_megatron.kernels import available_backends, get_kernel
 from usp_megatron.kernels.flash_attn import flash_attn_importable
 from usp_megatron.megatron import apply_usp_args, validate_usp_args
 from usp_megatron.megatron.arguments import usp_enabled, usp_layout
+from usp_megatron.megatron.grad_norm import fallback_sites
 from usp_megatron.megatron.validation import (
     check_attention_options,
     check_heads,
@@ -40,6 +41,12 @@ from usp_megatron.megatron.validation import (
 # Token ids are checked against the vocabulary over at most this many tokens of a dataset
 # (a full scan of a large corpus would cost minutes on every rank before training).
 MAX_TOKENS_SCANNED = 1 << 24
+# What megatron-core recomputes selectively in this driver's GPT (local layers, no
+# TransformerEngine). Its other modules: moe_act, moe, shared_experts and mla_up_proj need MoE
+# or multi-latent attention; on 0.16.1 layernorm fails in the first forward (NameError on
+# TransformerEngine's FP8GlobalStateManager) and mlp's backward recomputes itself without end
+# (the checkpoint returns the bias parameter it skipped adding), both seen on CPU.
+RECOMPUTE_MODULES = ("core_attn",)
 
 # Integer flags and their smallest valid value (None: not given, nothing to check). Below
 # it they used to fail after the model was built (a ZeroDivisionError for --log-interval 0,
@@ -103,6 +110,7 @@ class Plan:
     dtype: torch.dtype
     kernel: str
     kernel_reason: str
+    grad_norm: str
     data: DataFacts
     #: Flags this configuration accepts but does not use, each with why (the banner says so).
     ignored: tuple[str, ...] = ()
@@ -152,6 +160,7 @@ def check_configuration(
     _check_seq_length(args)
     _check_attention(args)
     _check_packed_documents(args)
+    _check_recompute(args)
     try:
         validate_usp_args(args)
     except ValueError as error:
@@ -184,6 +193,7 @@ def check_configuration(
         dtype=dtype,
         kernel=kernel,
         kernel_reason=reason,
+        grad_norm=grad_norm_kernel(args),
         data=check_data(args),
         ignored=tuple(ignored),
         resume=resume,
@@ -422,6 +432,80 @@ def _check_packed_documents(args: argparse.Namespace) -> None:
         )
 
 
+def _check_recompute(args: argparse.Namespace) -> None:
+    """Megatron-LM's recompute flags in the combinations megatron-core's TransformerConfig
+    takes (it would refuse the others with an assert or a ValueError after the groups are
+    up, or silently ignore a flag)."""
+    granularity, method = args.recompute_granularity, args.recompute_method
+    layers, modules = args.recompute_num_layers, args.recompute_modules
+    if granularity is None:
+        given = [flag for flag, value in (("--recompute-method", method),
+                 ("--recompute-num-layers", layers), ("--recompute-modules", modules))
+                 if value is not None]  # fmt: skip
+        if given:
+            raise ConfigError(
+                f"{given[0]} needs --recompute-granularity (full for --recompute-method and "
+                "--recompute-num-layers, selective for --recompute-modules); add it, or drop "
+                f"{given[0]}"
+            )
+        return
+    if granularity == "selective":
+        if method is not None or layers is not None:
+            flag = "--recompute-method" if method is not None else "--recompute-num-layers"
+            raise ConfigError(
+                f"{flag} applies to --recompute-granularity full, not selective (which "
+                "recomputes --recompute-modules in every layer): drop it, or use full"
+            )
+        unknown = [m for m in modules or () if m not in RECOMPUTE_MODULES]
+        if unknown:
+            raise ConfigError(
+                f"--recompute-modules {' '.join(unknown)}: this driver's GPT (megatron-core's "
+                f"local layers) recomputes only {', '.join(RECOMPUTE_MODULES)} selectively "
+                "(layernorm and mlp fail there without TransformerEngine, the others need MoE "
+                "or multi-latent attention): use --recompute-modules core_attn, or "
+                "--recompute-granularity full"
+            )
+        return
+    if modules is not None:
+        raise ConfigError(
+            f"--recompute-modules {' '.join(modules)} applies to --recompute-granularity "
+            "selective; full recomputes whole layers: drop --recompute-modules, or use selective"
+        )
+    if method is None or layers is None:
+        raise ConfigError(
+            "--recompute-granularity full needs --recompute-method and --recompute-num-layers: "
+            "add --recompute-method uniform --recompute-num-layers 1 to recompute every layer"
+        )
+    total = args.num_layers
+    if method == "uniform" and (layers < 1 or total % layers):
+        divisors = [d for d in range(1, total + 1) if total % d == 0]
+        raise ConfigError(
+            f"--recompute-num-layers {layers} with --recompute-method uniform must divide "
+            f"--num-layers {total} (every chunk of that many layers is recomputed): choose one "
+            f"of {divisors}"
+        )
+    if method == "block" and not 1 <= layers <= total:
+        raise ConfigError(
+            f"--recompute-num-layers {layers} with --recompute-method block is the number of "
+            f"layers recomputed: choose 1 to --num-layers {total}"
+        )
+
+
+def grad_norm_kernel(args: argparse.Namespace) -> str:
+    """What computes the gradient norm and clips (megatron-core decides at import)."""
+    if not fallback_sites():
+        return "megatron-core's fused kernels (TransformerEngine or apex)"
+    if args.usp_foreach_grad_norm:
+        return (
+            "fused torch._foreach ops (megatron-core has neither TransformerEngine nor apex; "
+            "--usp-no-foreach-grad-norm for its per-tensor fallback)"
+        )
+    return (
+        "megatron-core's per-tensor fallback (--usp-no-foreach-grad-norm): one host "
+        "synchronisation per parameter tensor"
+    )
+
+
 def _check_lr_schedule(args: argparse.Namespace) -> None:
     """What megatron-core's OptimizerParamScheduler would assert after the model is built."""
     if args.lr_warmup_iters >= args.lr_decay_iters:
@@ -574,26 +658,39 @@ def _defaults() -> dict:
 def attention_kernel(
     args: argparse.Namespace, device: torch.device, dtype: torch.dtype
 ) -> tuple[str, str]:
-    """The local attention kernel this run will use, and why that one."""
+    """The local attention kernel this run's layers will use (each kind, where windowed and
+    full-length layers alternate), and why that one."""
     if args.megatron_attention:
         return "Megatron DotProductAttention", "--megatron-attention"
     backend = args.usp_attn_backend
     try:
-        kernel = get_kernel(backend, device, dtype)
+        window = check_window(None if args.window_size is None else tuple(args.window_size))
     except ValueError:
-        raise ConfigError(_backend_refusal(backend, device, dtype)) from None
-    name = kernel.name
-    if name == "torch":
-        name = f"torch -> {kernel.pick(device, dtype).name}"
+        window = None  # a malformed window is refused with its own message
+    documents = bool(args.pack_documents)
+    kinds = {"": window is not None}
+    if window is not None and args.window_attn_skip_freq:
+        kinds = {"windowed layers": True, "full-length layers": False}
+    chosen = {}
+    for layers, windows in kinds.items():
+        try:
+            chosen[layers] = get_kernel(backend, device, dtype, windows, documents).name
+        except ValueError as error:
+            if backend not in available_backends(device, dtype):
+                raise ConfigError(_backend_refusal(backend, device, dtype)) from None
+            flag = "--window-size" if windows else "--pack-documents"
+            raise ConfigError(f"--usp-attn-backend {backend} with {flag}: {error}") from None
+    if len(set(chosen.values())) == 1:
+        name = next(iter(chosen.values()))
+    else:
+        name = ", ".join(f"{kernel} ({layers})" for layers, kernel in chosen.items())
     if backend != "auto":
         return name, f"--usp-attn-backend {backend}"
     if device.type != "cuda":
         return name, "auto on CPU: the plain-torch kernel"
-    if kernel.name == "flash_attn":
-        return name, "auto: flash-attn is installed"
     if dtype == torch.float32:
         return name, "auto in float32: cuDNN and flash kernels need --bf16"
-    return name, "auto: flash-attn not installed, PyTorch's fastest SDPA op"
+    return name, "auto: the first kernel present of usp_megatron.kernels.PREFERENCE"
 
 
 def _backend_refusal(backend: str, device: torch.device, dtype: torch.dtype) -> str:

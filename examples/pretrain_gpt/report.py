@@ -281,6 +281,25 @@ def _window(args: argparse.Namespace) -> str | None:
     return f"{window[0]} {window[1]}: token i sees {left}, on {where}"
 
 
+def _recompute(args: argparse.Namespace) -> str:
+    """What the backward runs again, in the banner's words."""
+    granularity, n, total = args.recompute_granularity, args.recompute_num_layers, args.num_layers
+    if granularity is None:
+        return "none: every activation is kept (--recompute-granularity full|selective)"
+    if granularity == "full" and args.recompute_method == "uniform":
+        return (
+            f"full, uniform: every layer runs again in the backward, from the kept input of "
+            f"each chunk of {_count(n, 'layer')}"
+        )
+    if granularity == "full":
+        return f"full, block: the first {n} of {total} layers run again in the backward"
+    modules = args.recompute_modules or ["core_attn"]
+    text = f"selective: {', '.join(modules)} run again in the backward of every layer"
+    if "core_attn" in modules and usp_enabled(args) and not args.megatron_attention:
+        text += " (core_attn is USP attention: its all-to-all and ring run again too)"
+    return text
+
+
 def banner(args: argparse.Namespace, plan: Plan) -> str:
     """What this run will do, printed by rank 0 before anything is built."""
     tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
@@ -321,6 +340,8 @@ def banner(args: argparse.Namespace, plan: Plan) -> str:
         f"{_count(args.global_batch_size, 'sequence')} "
         f"(micro-batch {args.micro_batch_size}) = {tokens:,} tokens each; {args.optimizer}, "
         f"lr {args.lr:.1e} -> {args.min_lr:.1e} cosine{decay}, {warmup}; {mfu}",
+        f"recompute  {_recompute(args)}",
+        f"grad norm  {plan.grad_norm}",
         f"outputs    {'; '.join(outputs)}",
     ]
     window = _window(args)

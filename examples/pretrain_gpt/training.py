@@ -26,7 +26,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.gpt.gpt_model import GPTModel
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -45,17 +45,19 @@ from usp_megatron.megatron import (
     use_usp_rotary_embedding,
 )
 from usp_megatron.megatron.arguments import usp_enabled, usp_layout
+from usp_megatron.megatron.grad_norm import use_foreach_grad_norm
 
 _LAYOUT: tuple | None = None
 
 
 def initialize(args: argparse.Namespace) -> Plan:
-    """Check the configuration (preflight.py) and build Megatron's groups for it (once per
-    layout)."""
+    """Check the configuration (preflight.py), choose the optimizer step's multi-tensor ops
+    and build Megatron's groups for it (once per layout)."""
     global _LAYOUT
     plan = check_configuration(args, dist.get_world_size())
     if not use_cuda(args):
         install_cpu_shim(force=True)
+    use_foreach_grad_norm(args.usp_foreach_grad_norm)
     tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
     hierarchical = [args.usp_ulysses_degree, args.usp_ring_degree] if usp_enabled(args) else None
     layout = (tp, cp, tuple(hierarchical or ()))
@@ -101,7 +103,11 @@ def build_model(
         params_dtype=dtype,
         pipeline_dtype=dtype,
         calculate_per_token_loss=True,
-        use_cpu_initialization=True,
+        use_cpu_initialization=not args.device_initialization,
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        recompute_modules=args.recompute_modules,
     )
     if args.megatron_attention:
         spec = get_gpt_layer_local_spec(normalization=args.normalization)
@@ -182,11 +188,11 @@ def counting_host_syncs(enabled: bool) -> Iterator[list[str]]:
                     sites.append(f"{'/'.join(Path(w.filename).parts[-3:])}:{w.lineno}")
 
 
-def train(args: argparse.Namespace) -> list[dict]:
-    """Train ``args.train_iters`` iterations; returns loss, grad norm and speed per iteration."""
-    plan = initialize(args)
-    layout = usp_layout(args)  # the flags' layout, resolved once and handed down
-    config, model = build_model(args, layout)
+def build_optimizer(
+    args: argparse.Namespace, config: TransformerConfig, model: torch.nn.Module
+) -> tuple[DistributedDataParallel, MegatronOptimizer]:
+    """Megatron's DDP around ``model`` and its optimizer, wired into ``config`` for the
+    schedule (loss scaling, gradient finalisation, no-sync)."""
     ddp = DistributedDataParallel(
         config,
         DistributedDataParallelConfig(
@@ -208,6 +214,18 @@ def train(args: argparse.Namespace) -> list[dict]:
         [ddp],
         use_gloo_process_groups=False,
     )
+    config.grad_scale_func = optimizer.scale_loss
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp.no_sync
+    return ddp, optimizer
+
+
+def train(args: argparse.Namespace) -> list[dict]:
+    """Train ``args.train_iters`` iterations; returns loss, grad norm and speed per iteration."""
+    plan = initialize(args)
+    layout = usp_layout(args)  # the flags' layout, resolved once and handed down
+    config, model = build_model(args, layout)
+    ddp, optimizer = build_optimizer(args, config, model)
     # On resume, preflight.py has decided whose schedule runs (Megatron's flags and rule).
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -216,9 +234,6 @@ def train(args: argparse.Namespace) -> list[dict]:
         override_opt_param_scheduler=args.override_opt_param_scheduler,
         use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
     )
-    config.grad_scale_func = optimizer.scale_loss
-    config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = ddp.no_sync
     # The scheduler's load_state_dict steps it by the saved count, from where it is now.
     first_iteration = load_checkpoint(args, ddp, optimizer, scheduler) if args.load else 0
     if first_iteration >= args.train_iters:

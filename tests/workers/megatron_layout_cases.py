@@ -91,9 +91,9 @@ def _layout_checks(impl_positions: dict) -> dict[str, bool]:
         split_hook(dict(batch), **options), megatron_split
     )
     checks["hooks off: Megatron's RoPE"] = type(rope_hook(16, 1.0)) is RotaryEmbedding
-    args.usp_ulysses_degree = 2
+    g = usp_groups_from_megatron()  # the flags' degrees are the groups' (the hooks resolve them)
+    args.usp_ulysses_degree, args.usp_ring_degree = g.ulysses_degree, g.ring_degree
     for impl in ("basic", "zigzag", "stripe"):
-        g = usp_groups_from_megatron()
         positions = local_positions(
             SEQ, g.ulysses_degree, g.ring_degree, g.ulysses_rank, g.ring_rank, impl
         )

@@ -103,7 +103,8 @@ def _ulysses_degree(value: str) -> int | str:
 
 def add_usp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``--usp-ulysses-degree``, ``--usp-ring-degree``, ``--usp-ring-impl``,
-    ``--usp-attn-backend``, ``--usp-gpus-per-node``; returns the parser (the
+    ``--usp-attn-backend``, ``--usp-gpus-per-node``, ``--usp-no-foreach-grad-norm``;
+    returns the parser (the
     ``extra_args_provider`` contract). Also marks Megatron-LM's ``--cp-comm-type`` default
     as not typed (:class:`MegatronDefault`), where the parser has that flag."""
     _mark_cp_comm_type_default(parser)
@@ -144,6 +145,15 @@ def add_usp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=None,
         help="GPUs of one node, for --usp-ulysses-degree auto (default: LOCAL_WORLD_SIZE, "
         "which torchrun sets).",
+    )
+    group.add_argument(
+        "--usp-no-foreach-grad-norm",
+        dest="usp_foreach_grad_norm",
+        action="store_false",
+        help="Keep megatron-core's own gradient-norm and clipping fallback (one host "
+        "synchronisation per parameter tensor) where neither TransformerEngine nor apex is "
+        "installed; by default the plugin runs it as fused torch._foreach ops (whatever the "
+        "degrees; with either package megatron-core's fused kernels stay).",
     )
     return parser
 

@@ -15,10 +15,14 @@ running the script). It replaces, each in every place the supported tags look it
   script imports it from, and in ``megatron.training.utils``, where 0.16's did;
 - ``get_thd_batch_on_this_cp_rank`` in ``megatron.core.utils`` (the packed-documents
   split, which ``pretrain_gpt.py`` imports by name and which needs TransformerEngine);
-- the ``RotaryEmbedding`` that ``GPTModel`` builds (the RoPE slice of stripe and basic).
+- the ``RotaryEmbedding`` that ``GPTModel`` builds (the RoPE slice of stripe and basic);
+- megatron-core's fallback multi-tensor ops of the optimizer step (gradient norm, clipping,
+  main-weight copy), only where it found neither TransformerEngine nor apex: the fused
+  ``torch._foreach`` ops of ``grad_norm.py`` instead.
 
 Every hook reads the flags from Megatron-LM's own ``get_args()`` when it runs, and is a
-no-op unless ``--usp-ulysses-degree`` or ``--usp-ring-degree`` is above 1.
+no-op unless ``--usp-ulysses-degree`` or ``--usp-ring-degree`` is above 1; the optimizer
+ops alone are on whatever the degrees, unless ``--usp-no-foreach-grad-norm``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from usp_megatron.megatron.batch import (
     get_batch_on_this_usp_rank,
     get_thd_batch_on_this_usp_rank,
 )
+from usp_megatron.megatron.grad_norm import FallbackSite, fallback_sites
 from usp_megatron.megatron.rope import USPRotaryEmbedding
 from usp_megatron.megatron.specs import usp_core_attention
 
@@ -176,6 +181,21 @@ def wrap_rotary_embedding(rotary_embedding: type, get_args: Callable) -> Callabl
     return _mark(build)
 
 
+def wrap_multi_tensor_op(site: FallbackSite, get_args: Callable) -> Callable:
+    """Megatron-core's fallback op at ``site``, run as the fused foreach op unless
+    ``--usp-no-foreach-grad-norm``."""
+    current = getattr(site.module, site.name)
+    if _hooked(current):
+        return current
+
+    @functools.wraps(site.megatron_op)
+    def hooked(*op_args: Any, **kwargs: Any) -> Any:
+        foreach = getattr(get_args(), "usp_foreach_grad_norm", True)
+        return (site.foreach_op if foreach else site.megatron_op)(*op_args, **kwargs)
+
+    return _mark(hooked)
+
+
 SUPPORTED_TAGS = ("core_v0.16.1", "core_v0.19.0")
 
 
@@ -238,3 +258,5 @@ def install(add_flags: bool = False) -> None:
             core_utils.get_thd_batch_on_this_cp_rank, get_args
         )
     gpt_model.RotaryEmbedding = wrap_rotary_embedding(gpt_model.RotaryEmbedding, get_args)
+    for site in fallback_sites():
+        setattr(site.module, site.name, wrap_multi_tensor_op(site, get_args))
