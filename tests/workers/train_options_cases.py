@@ -62,12 +62,13 @@ def _one_step(argv: list[str], foreach: bool) -> dict:
     from arguments import parse_args
     from training import build_model, build_optimizer, initialize
 
+    from usp_megatron.megatron.arguments import usp_layout
     from usp_megatron.megatron.grad_norm import use_foreach_grad_norm
 
     args = parse_args(argv)
     initialize(args)
     use_foreach_grad_norm(foreach)
-    config, model = build_model(args)
+    config, model = build_model(args, usp_layout(args))
     ddp, optimizer = build_optimizer(args, config, model)
     _seeded_gradients(ddp)
     optimizer.prepare_grads()  # the model's gradients into the optimizer's main ones
@@ -95,9 +96,11 @@ def _reference_norm(argv: list[str]) -> float:
     from arguments import parse_args
     from training import build_model, build_optimizer, initialize
 
+    from usp_megatron.megatron.arguments import usp_layout
+
     args = parse_args(argv)
     initialize(args)
-    config, model = build_model(args)
+    config, model = build_model(args, usp_layout(args))
     ddp, optimizer = build_optimizer(args, config, model)
     _seeded_gradients(ddp)
     optimizer.prepare_grads()
