@@ -4,13 +4,15 @@
 
 Runs on CPU processes (gloo, the reference kernel, float32) or on GPUs (NCCL, bf16).
 Checks the output and the gradients dq, dk, dv against one-rank attention; exits 1 when
-any relative error exceeds ``--rtol``.
+any relative error exceeds ``--rtol``. A bad flag, or a shape the package refuses, is one
+message from rank 0 and exit 1 on every rank.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -18,8 +20,27 @@ import torch.distributed as dist
 import usp_megatron as um
 
 
+def _refuse(message: str) -> NoReturn:
+    """One message from rank 0, exit 1 everywhere (every rank refuses the same input)."""
+    from usp_megatron.megatron.launch import exit_refused  # only on this path: imports Megatron
+
+    exit_refused(f"usp_attention.py: {message}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        _refuse(f"{message} (--help lists the flags)")
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    try:
+        return _main()
+    except ValueError as error:  # the package's refusals, the same on every rank
+        _refuse(str(error))
+
+
+def _main() -> int:
+    parser = _Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--ulysses-degree", type=int, default=2)
     parser.add_argument("--ring-degree", type=int, default=2)
     parser.add_argument("--layout", default="zigzag", choices=um.LAYOUT_NAMES)
@@ -80,6 +101,10 @@ def main() -> int:
             f"{args.seq_len} tokens, {args.seq_len // groups.cp_size} per rank; relative error "
             f"vs one-rank attention: {found} -> {'ok' if ok else 'MISMATCH'} (rtol {rtol:g})"
         )
+    # Every rank done with every collective before any rank closes its connections: without
+    # it, a rank still finishing gloo's last all-reduce aborted at exit ("terminate called
+    # without an active exception", most runs of 4 CPU processes), after printing "ok".
+    dist.barrier()
     dist.destroy_process_group()
     return 0 if ok else 1
 

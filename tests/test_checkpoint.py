@@ -6,6 +6,7 @@ stopped. One world runs every case (float32, tiny model)."""
 from __future__ import annotations
 
 import pytest
+import torch
 from helpers.example import example_on_path
 from workers.checkpoint_cases import RESUMED, SAVED_AT, TRAIN_ITERS, resume_across_layouts
 
@@ -53,10 +54,39 @@ def test_resume_refuses_another_model_or_optimizer(results):
     assert "Adam's state only" in refused["sgd state"]
 
 
+def test_a_resume_with_another_schedule_follows_megatrons_rule(results):
+    """Without a flag it is refused; --use-checkpoint-opt_param-scheduler keeps the saved
+    schedule (the uninterrupted run's lr), --override-opt_param-scheduler runs this one's."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    message = results["refused"]["schedule"]
+    assert "another learning-rate schedule than this run (--lr-decay-iters saved 4, now 8" in (
+        message
+    )
+    assert "--use-checkpoint-opt_param-scheduler" in message and "\n" not in message
+    straight = results["lr straight"]
+    assert results["lr --use-checkpoint-opt_param-scheduler"] == straight[SAVED_AT:]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=0.1, min_lr=3e-4, lr_warmup_steps=1, lr_decay_steps=8,
+        lr_decay_style="cosine", start_wd=0.01, end_wd=0.01, wd_incr_steps=8,
+        wd_incr_style="constant",
+    )  # fmt: skip
+    expected = []
+    for iteration in range(1, TRAIN_ITERS + 1):
+        scheduler.step(increment=1)
+        expected.append((iteration, scheduler.get_lr(optimizer.param_groups[0])))
+    overridden = results["lr --override-opt_param-scheduler"]
+    assert [it for it, _ in overridden] == [it for it, _ in expected[SAVED_AT:]]
+    assert [lr for _, lr in overridden] == pytest.approx([lr for _, lr in expected[SAVED_AT:]])
+    assert overridden[0][1] > 1.5 * straight[SAVED_AT][1]  # the two schedules differ there
+
+
 @pytest.mark.parametrize(
     "broken, names",
     [
         ("truncated shard", ".distcp is truncated: 100 bytes, the checkpoint's metadata needs"),
+        ("corrupted shard", ".distcp holds unreadable bytes at offset"),
         ("bad metadata", f"iter_{SAVED_AT:07d}/metadata.json is not valid JSON"),
         ("bad latest", "broken-bad latest/latest is broken: it holds ''"),
     ],

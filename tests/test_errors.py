@@ -26,7 +26,24 @@ EXPECTED = {
     "backend on wrong device": "'torch_flash' cannot run on device cpu",
     "head chunks": "head_chunks=3 must divide the query heads per rank 2",
     "zero head chunks": "head_chunks must be an integer >= 1.*got 0",
+    "lengths differ": "the ranks of one USP group passed different inputs \\(rank 0: q "
+    "\\[1, 4, 4, 8\\].*; ranks 1, 2, 3: q \\[1, 8, 4, 8\\].*s_local = S / \\(U x R\\)",
+    "causal differs": "ranks 0, 1, 2: .*, causal, .*; rank 3: .*, not causal",
+    "[b, h, s, d] for bshd": "q of shape \\(1, 4, 8, 8\\) read as "
+    "\\[b, s_local, heads, head_dim\\] \\(qkv_format='bshd'\\) has 8 at dim 2, "
+    "but the module was built with num_heads=4; its dim 1 has 4: "
+    "was it meant to be transposed\\? \\(e.g. q.transpose\\(1, 2\\)\\)",
+    "unknown qkv_format": "qkv_format must be one of \\('bshd', 'sbhd'\\).*got 'bhsd'",
+    "zero num_heads": "num_heads must be an integer >= 1, got 0",
+    "shard dim": "dim 4 is not a dimension of a 4-D tensor of shape \\(1, 4, 4, 8\\)",
+    "integer q": "q, k, v must be floating point \\(float16, bfloat16, float32, float64\\), got "
+    "torch.int32",
+    "head_dim 0": "head_dim must be at least 1",
+    "softmax_scale": "softmax_scale must be a finite number .*got '0.1'",
+    "gather shapes differ": "the ranks hold shards of different shapes \\(rank 0: "
+    "\\[1, 4, 4, 8\\], rank 1: \\[1, 8, 4, 8\\]",
     "still works": "ok",
+    "sbhd matches bshd": "ok",
     "uneven heads run": "ok",
 }
 

@@ -49,6 +49,44 @@ REFUSED = [
      "8 query heads of a tensor-parallel rank to split evenly over --usp-ulysses-degree 3"),
     ([*PACKED, "--pack-pad-multiple", "4"], 4, "--pack-pad-multiple 4: the context-parallel"),
     ([*PACKED, "--pack-pad-multiple", "12"], 4, "use --pack-pad-multiple 16, or leave it out"),
+    # Were a traceback per rank from parse_args.
+    (["--pack-pad-multiple", "16"], 1, "--pack-pad-multiple needs --pack-documents: add"),
+    (["--pack-documents", "--micro-batch-size", "2"], 1, "needs --micro-batch-size 1, got 2"),
+    (["--pack-documents", "--pack-documents-per-sample", "300"], 1, "and --seq-length 128"),
+    # Were argparse's usage and error on every rank.
+    (["--seq-lenght", "64"], 1, "unrecognized arguments: --seq-lenght"),
+    (["--usp-ring-impl", "foo"], 4, "argument --usp-ring-impl: invalid choice: 'foo'"),
+    (["--window-size", "4"], 1, "argument --window-size: expected 2 arguments"),
+    # Were a ZeroDivisionError, a SIGFPE, an assert or a shape error after building, or a
+    # model other than asked (a zero-width MLP, a right window read as 0).
+    (["--log-interval", "0"], 1, "--log-interval must be at least 1 (a log line every N"),
+    (["--save-interval", "-2", "--save", "ckpt"], 1, "--save-interval must be at least 1"),
+    (["--seq-length", "0"], 1, "--seq-length must be at least 1 (tokens per sequence), got 0"),
+    (["--num-layers", "0"], 1, "--num-layers must be at least 1"),
+    (["--ffn-hidden-size", "0"], 1, "--ffn-hidden-size must be at least 1"),
+    (["--lr-warmup-iters", "-1"], 1, "--lr-warmup-iters must be at least 0"),
+    (["--window-attn-skip-freq", "0", "--window-size", "4", "0"], 1, "skip-freq must be at"),
+    (["--min-lr", "0.1"], 1, "--min-lr must be between 0 and 0.003 (the cosine decays from"),
+    (["--lr", "nan"], 1, "--lr must be >= 0 (the peak learning rate), got nan"),
+    (["--weight-decay", "-1"], 1, "--weight-decay must be >= 0"),
+    (["--hidden-dropout", "1.5"], 1, "--hidden-dropout must be between 0 and 1"),
+    (["--peak-tflops", "0"], 1, "--peak-tflops must be positive"),
+    (["--seed", "-1"], 1, "--seed must be between 0 and 2**32 - 1"),
+    (["--attention-dropout", "0.1"], 1, "USP attention has no attention-probability dropout"),
+    (["--window-size", "4", "4"], 1, "--window-size 4 4: this GPT is causal (token i never sees "
+     "a later token), so RIGHT must be 0; 4 would silently act as 0: use --window-size 4 0"),
+    ([*U2R2, "--window-size", "4", "-1"], 4, "so RIGHT must be 0; -1 would silently act as 0"),
+    (["--window-size", "-2", "0"], 1, "--window-size -2 0: window_size must be (left, right)"),
+    (["--hidden-size", "24"], 1, "head dimension 3, but RoPE rotates pairs of channels: it "
+     "must be even (e.g. --hidden-size 16 or 32)"),
+    (["--tensor-model-parallel-size", "2", "--ffn-hidden-size", "255"], 2,
+     "--ffn-hidden-size 255 must be divisible by --tensor-model-parallel-size 2"),
+    (["--megatron-attention", "--pack-documents"], 1, "Megatron's DotProductAttention takes no "
+     "packed sequences"),
+    # Were a NotADirectoryError at the first save, a FileNotFoundError after the last iteration.
+    (["--save", __file__], 1, f"--save {__file__} is a file: give a directory"),
+    (["--history-json", f"{__file__}/h.json"], 1, f"nothing can be written below {__file__}"),
+    (["--history-json", "/"], 1, "--history-json / is a directory: give a file name"),
     # Activation recompute: what TransformerConfig would refuse, or silently ignore.
     (["--recompute-method", "uniform"], 1, "--recompute-method needs --recompute-granularity"),
     (["--recompute-modules", "core_attn"], 1, "selective for --recompute-modules); add it"),
@@ -74,6 +112,55 @@ def test_bad_configuration_is_one_clear_message(flags, world_size, message):
         check_configuration(parse_args(flags), world_size)
     text = str(refused.value)
     assert message in text and "\n" not in text
+
+
+# (flags, world size, the banner's note): flags this configuration accepts but does not use.
+IGNORED = [
+    (["--save-interval", "5"], 1, "--save-interval 5 (no --save: nothing is saved)"),
+    (["--usp-ring-impl", "stripe"], 1, "--usp-ring-impl stripe (no context parallelism"),
+    (["--megatron-attention", "--usp-attn-backend", "reference"], 1,
+     "--usp-attn-backend reference (--megatron-attention runs Megatron's"),
+    (["--usp-gpus-per-node", "4", *U2R2], 4, "--usp-gpus-per-node 4 (used by --usp-ulysses"),
+    (["--count-host-syncs"], 1, "--count-host-syncs (CUDA only; this run is on CPU)"),
+    (["--vocab-size", "300"], 1, "--vocab-size 300 (the embedded corpus is byte-level, 258"),
+    (["--window-attn-skip-freq", "2"], 1, "--window-attn-skip-freq 2 (no sliding --window-size"),
+    (["--use-checkpoint-opt_param-scheduler"], 1, "--use-checkpoint-opt_param-scheduler (no "
+     "checkpoint to resume)"),
+]  # fmt: skip
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU configurations (CUDA present here)")
+@pytest.mark.parametrize("flags, world_size, note", IGNORED)
+def test_ignored_flags_are_named_in_the_banner(flags, world_size, note):
+    args = parse_args(flags)
+    plan = check_configuration(args, world_size)
+    assert note in plan.ignored[0] and len(plan.ignored) == 1, plan.ignored
+    assert f"\nignored    {plan.ignored[0]}" in banner(args, plan)
+
+
+def test_the_demo_ignores_nothing():
+    args = parse_args(U2R2)
+    assert check_configuration(args, 4).ignored == ()
+
+
+def test_help_prints_on_rank_0_only(monkeypatch, capsys):
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as exited:
+            parse_args(["--help"])
+        assert exited.value.code == 0
+        assert ("--usp-ring-impl" in capsys.readouterr().out) == printed
+
+
+def test_a_flag_error_is_one_line_from_main(monkeypatch, capsys):
+    import pretrain_gpt
+
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as exited:
+        pretrain_gpt.main(["--seq-lenght", "64"])
+    assert exited.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unrecognized arguments: --seq-lenght" in err, err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU configurations (CUDA present here)")
@@ -190,6 +277,7 @@ def test_banner_names_kernel_layout_and_heads_per_rank():
     assert "heads 4 query / 1 key-value (model: 8 / 2)" in text
     assert "embedded corpus (Python's pydoc_data.topics, byte-level)" in text
     assert "no MFU (no peak on CPU" in text
+    assert "window" not in text and "ignored" not in text and "resume" not in text
     assert "recompute  none: every activation is kept" in text
     assert "grad norm  fused torch._foreach ops (megatron-core has neither" in text
 
@@ -212,6 +300,21 @@ def test_banner_says_what_is_recomputed_and_what_takes_the_grad_norm(flags, line
     args = parse_args([*flags, "--seq-length", "64"])
     text = banner(args, check_configuration(args, 4 if "--usp-ring-degree" in flags else 1))
     assert any(row.startswith(line) for row in text.splitlines()), text
+
+
+def test_banner_shows_the_window_and_every_ranks_heads_when_uneven():
+    flags = ["--usp-ulysses-degree", "3", "--seq-length", "96", "--num-layers", "5",
+             "--window-size", "8", "0", "--window-attn-skip-freq", "2"]  # fmt: skip
+    args = parse_args(flags)
+    text = banner(args, check_configuration(args, 3))
+    assert "\nwindow     8 0: token i sees tokens i-8 .. i, on layers 1, 3, 5 of 5 (those " in text
+    assert (
+        "heads 3/3/2 query / 3/3/2 key-value on ulysses ranks 0-2 (model: 8 / 8): uneven, "
+        "the busiest rank computes 1.12x the mean" in text
+    )
+    args = parse_args(["--window-size", "16", "0"])
+    text = banner(args, check_configuration(args, 1))
+    assert "window     16 0: token i sees tokens i-16 .. i, on every layer" in text
 
 
 def test_log_line_reports_tflops_mfu_and_memory(tmp_path):
@@ -270,18 +373,23 @@ def _torchrun(tmp_path, *flags: str) -> subprocess.CompletedProcess:
 
 
 def test_torchrun_refusal_is_one_message_and_exit_1(tmp_path):
-    done = _torchrun(tmp_path, "--context-parallel-size", "2")
-    out = done.stdout + done.stderr
-    assert done.returncode == 1, out
-    assert out.count("pretrain_gpt.py: --context-parallel-size 2: this driver's") == 1, out
-    assert "[rank" not in out and 'pretrain_gpt.py", line' not in out, out  # no traceback
-    assert "USP GPT pretraining" not in out  # refused before the banner
+    for flags, message in (
+        (["--context-parallel-size", "2"], "pretrain_gpt.py: --context-parallel-size 2: this "),
+        (["--seq-lenght", "64"], "pretrain_gpt.py: unrecognized arguments: --seq-lenght"),
+    ):
+        done = _torchrun(tmp_path, *flags)
+        out = done.stdout + done.stderr
+        assert done.returncode == 1, out
+        assert out.count(message) == 1, out
+        assert "[rank" not in out and 'pretrain_gpt.py", line' not in out, out  # no traceback
+        assert "usage:" not in out and "USP GPT pretraining" not in out  # before the banner
+        assert out.count("exitcode  : 1 ") == 2, out  # every rank exits 1, none is killed
 
 
 def test_three_iterations_banner_log_summary_then_nothing_to_do(tmp_path):
     flags = ["--usp-ulysses-degree", "2", "--train-iters", "3", "--seq-length", "64",
              "--global-batch-size", "4", "--save", str(tmp_path / "ckpt")]  # fmt: skip
-    done = _torchrun(tmp_path, *flags, "--history-json", str(tmp_path / "h.json"))
+    done = _torchrun(tmp_path, *flags, "--history-json", str(tmp_path / "new" / "h.json"))
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert "attention  kernel reference (auto on CPU" in out
@@ -289,8 +397,8 @@ def test_three_iterations_banner_log_summary_then_nothing_to_do(tmp_path):
     assert "per rank   32 of 64 tokens" in out
     assert out.count("GFLOP/s/rank | max RSS") == 3 and "iter     3/3 (100.0%)" in out
     assert "done: 3 iterations in" in out and "(first iteration excluded); final loss" in out
-    assert f"wrote: history {tmp_path / 'h.json'}; checkpoint of iteration 3" in out
-    history = json.loads((tmp_path / "h.json").read_text())["history"]
+    assert f"wrote: history {tmp_path / 'new' / 'h.json'}; checkpoint of iteration 3" in out
+    history = json.loads((tmp_path / "new" / "h.json").read_text())["history"]
     assert [r["iteration"] for r in history] == [1, 2, 3]
     assert all(r["tflops_per_gpu"] > 0 and r["peak_memory_bytes"] > 0 for r in history)
 

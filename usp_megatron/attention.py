@@ -14,7 +14,10 @@ its pieces and which block pairs the ring computes).
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from usp_megatron.call import AttentionCall
@@ -26,6 +29,11 @@ from usp_megatron.kernels import AttentionKernel, check_backend, get_kernel
 from usp_megatron.layout import LayoutArg, SequenceLayout, resolve_layout
 from usp_megatron.ring import RingInputs, ring_attention, ring_backward, ring_forward
 from usp_megatron.sharding import gather_sequence, shard_sequence
+
+#: Where the sequence and batch dims are in q, k, v and the output: ``bshd`` is
+#: FlashAttention's and YunChang's order, ``sbhd`` Megatron's.
+QKV_FORMATS = ("bshd", "sbhd")
+_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
 
 
 class _UlyssesRingFunction(torch.autograd.Function):
@@ -110,19 +118,38 @@ class LongContextAttention(nn.Module):
         backend: str = "auto",
         head_chunks: int = 1,
         *,
+        qkv_format: str = "bshd",
+        num_heads: int | None = None,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
         ring_impl: str | None = None,
     ) -> None:
         """``layout``: the sequence layout, by name (``zigzag``, ``stripe``, ``basic``) or as
         an object for these groups' degrees (``ring_impl=`` is its old name). ``head_chunks``:
         how many pieces the heads go through the all-to-all in, so that one chunk's
         all-to-all overlaps another's compute. 1 (no overlap) is the default; slower links
-        may want 2 (docs/benchmarks.md has the measurements)."""
+        may want 2 (docs/benchmarks.md has the measurements).
+
+        ``qkv_format``: the order of q, k, v and the output, ``bshd`` (``[b, s, h, d]``)
+        or Megatron's ``sbhd``. ``num_heads``, ``num_kv_heads``, ``head_dim``: what the
+        caller expects (each optional); every call checks q, k, v against them, so a
+        tensor in another order (e.g. ``[b, h, s, d]``) is refused instead of being read
+        with its heads as the sequence."""
         super().__init__()
         layout = renamed_keyword(
             "LongContextAttention", "ring_impl", "layout", ring_impl, layout, "zigzag"
         )
         check_backend(backend)
         check_positive_int("head_chunks", head_chunks, "no overlap")
+        if qkv_format not in QKV_FORMATS:
+            raise ValueError(
+                f"qkv_format must be one of {QKV_FORMATS} (bshd: [b, s, h, d]; sbhd: Megatron's "
+                f"[s, b, h, d]), got {qkv_format!r}"
+            )
+        for name, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim)):  # fmt: skip
+            if value is not None:
+                check_positive_int(name, value)
         self.layout: SequenceLayout = resolve_layout(
             layout, groups.ulysses_degree, groups.ring_degree
         )
@@ -133,18 +160,32 @@ class LongContextAttention(nn.Module):
             )
         self.groups, self.backend = groups, backend
         self.head_chunks = head_chunks
+        self.qkv_format = qkv_format
+        #: The sequence dim of q, k, v and the output (and the default of shard/gather).
+        self.seq_dim = qkv_format.index("s")
+        self.expected = {"heads": num_heads, "kv_heads": num_kv_heads, "head_dim": head_dim}
         self._kernels: dict[tuple[torch.device, torch.dtype, bool, bool], AttentionKernel] = {}
+        self._agreed: tuple[int, ...] | None = None  # the inputs every rank last agreed on
 
     def shard(
-        self, x: torch.Tensor, dim: int = 1, cu_seqlens_padded: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        dim: int | None = None,
+        cu_seqlens_padded: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """This rank's positions of a full-sequence tensor ``x`` along ``dim``."""
+        """This rank's positions of a full-sequence tensor ``x`` along ``dim`` (default: the
+        sequence dim of ``qkv_format``)."""
+        dim = self.seq_dim if dim is None else dim
         return shard_sequence(x, dim, self.groups, self.layout, cu_seqlens_padded)
 
     def gather(
-        self, x_local: torch.Tensor, dim: int = 1, cu_seqlens_padded: torch.Tensor | None = None
+        self,
+        x_local: torch.Tensor,
+        dim: int | None = None,
+        cu_seqlens_padded: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The full sequence from every rank's shard (not differentiable)."""
+        dim = self.seq_dim if dim is None else dim
         return gather_sequence(x_local, dim, self.groups, self.layout, cu_seqlens_padded)
 
     def positions(self, seq_len: int) -> torch.Tensor:
@@ -194,23 +235,60 @@ class LongContextAttention(nn.Module):
             return self.packed_layout(padded, cu_seqlens)
         return self.layout
 
+    @property
+    def _dims(self) -> str:
+        """The order of q, k, v in words, as messages name it."""
+        words = {"b": "b", "s": "s_local", "h": "heads", "d": "head_dim"}
+        return "[" + ", ".join(words[letter] for letter in self.qkv_format) + "]"
+
+    def _check_format(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """q, k, v are 4-D in ``qkv_format`` and have the heads and head_dim the caller
+        stated: a tensor in another order would otherwise be read with the wrong dims."""
+        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+            raise ValueError(
+                f"q, k, v must be {self._dims} (qkv_format={self.qkv_format!r}); got shapes "
+                f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+            )
+        heads_dim = self.qkv_format.index("h")
+        expected = self.expected
+        for name, t, key, dim in (
+            ("q", q, "heads", heads_dim), ("k", k, "kv_heads", heads_dim),
+            ("v", v, "kv_heads", heads_dim), ("q", q, "head_dim", 3),
+        ):  # fmt: skip
+            want = expected[key]
+            if want is None or t.shape[dim] == want:
+                continue
+            stated = {"heads": "num_heads", "kv_heads": "num_kv_heads"}.get(key, key)
+            hint = next(
+                (f"; its dim {i} has {want}: was it meant to be transposed? (e.g. "
+                 f"{name}.transpose({i}, {dim}))" for i in range(4)
+                 if i != dim and t.shape[i] == want),
+                "",
+            )  # fmt: skip
+            raise ValueError(
+                f"{name} of shape {tuple(t.shape)} read as {self._dims} (qkv_format="
+                f"{self.qkv_format!r}) has {t.shape[dim]} at dim {dim}, but the module was "
+                f"built with {stated}={want}{hint}"
+            )
+
     def _check(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SequenceLayout
     ) -> HeadSplit:
-        """Refuse what cannot run, before any communication; the heads' split if it can."""
-        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-            raise ValueError(
-                f"q, k, v must be [b, s_local, heads, head_dim]; got shapes {tuple(q.shape)}, "
-                f"{tuple(k.shape)}, {tuple(v.shape)}"
-            )
+        """Refuse what cannot run, before any communication; the heads' split if it can.
+        q, k, v: ``[b, s, h, d]``."""
         if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
             raise ValueError(
                 f"k and v must match q in batch, sequence and head_dim and each other; got "
                 f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
             )
+        if q.shape[3] < 1:
+            raise ValueError(f"head_dim must be at least 1, got q of shape {tuple(q.shape)}")
         split = head_split(q.shape[2], k.shape[2], self.groups.ulysses_degree)
         if len({q.dtype, k.dtype, v.dtype}) > 1:
             raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+        if q.dtype not in _DTYPE_CODES:
+            names = ", ".join(str(t).removeprefix("torch.") for t in _DTYPE_CODES)
+            raise ValueError(f"q, k, v must be floating point ({names}), got {q.dtype}")
         if len({q.device, k.device, v.device}) > 1:
             raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
         if layout.masks_documents and q.shape[0] != 1:
@@ -253,7 +331,8 @@ class LongContextAttention(nn.Module):
         cu_seqlens_padded: torch.Tensor | None = None,
         layout: LayoutArg | None = None,
     ) -> torch.Tensor:
-        """q: [b, s, hq, d]; k, v: [b, s, hkv, d] (this rank's shard) -> [b, s, hq, d].
+        """q: [b, s, hq, d]; k, v: [b, s, hkv, d] (this rank's shard) -> [b, s, hq, d]
+        (with ``qkv_format="sbhd"``: [s, b, h, d] in and out).
 
         ``window_size=(left, right)``: the query at global position ``i`` sees keys
         ``i-left .. i+right`` (-1 unbounded; with ``causal`` also only keys ``<= i``);
@@ -271,7 +350,18 @@ class LongContextAttention(nn.Module):
         layout = self._call_layout(layout, cu_seqlens, cu_seqlens_padded)
         window = check_window(window_size)
         layout.check_window(window)
+        self._check_format(q, k, v)
+        if self.seq_dim == 0:  # sbhd -> bshd (views)
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
         split = self._check(q, k, v, layout)
+        self._check_peers(q, k, causal, window)
+        if softmax_scale is not None and not (
+            isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)
+        ):
+            raise ValueError(
+                f"softmax_scale must be a finite number (None: 1 / sqrt(head_dim)), got "
+                f"{softmax_scale!r}"
+            )
         call = AttentionCall(
             groups=self.groups,
             layout=layout,
@@ -283,7 +373,68 @@ class LongContextAttention(nn.Module):
             head_chunks=self.head_chunks if split.ulysses_degree > 1 else 1,
         )
         if self.groups.ulysses_degree == 1:
-            return ring_attention(call, q, k, v)
-        # [b, s, hkv, d] -> [b, s, sum(kv_heads), d]: the key/value heads each rank needs
-        k, v = split.replicate_kv(k), split.replicate_kv(v)
-        return _UlyssesRingFunction.apply(call, q, k, v)
+            out = ring_attention(call, q, k, v)
+        else:
+            # [b, s, hkv, d] -> [b, s, sum(kv_heads), d]: the key/value heads each rank needs
+            k, v = split.replicate_kv(k), split.replicate_kv(v)
+            out = _UlyssesRingFunction.apply(call, q, k, v)
+        return out.transpose(0, 1) if self.seq_dim == 0 else out
+
+    def _check_peers(
+        self, q: torch.Tensor, k: torch.Tensor, causal: bool, window: tuple[int, int] | None
+    ) -> None:
+        """Every rank of the context-parallel group must pass the same shapes, dtype, mask
+        and window: a rank whose shard differs would end the all-to-all in a gloo crash, an
+        NCCL hang or a wrong result. One small all-gather says which rank passed what, on a
+        module's first call and whenever this rank's inputs change (a fixed shape pays it
+        once: reading its result waits for the device)."""
+        groups = self.groups
+        signature = (
+            *q.shape, *k.shape, _DTYPE_CODES.get(q.dtype, 0), int(causal), *(window or (-2, -2))
+        )  # fmt: skip
+        if groups.cp_size == 1 or signature == self._agreed:
+            return
+        pairs = [(groups.cp_group, groups.cp_size)] if groups.cp_group is not None else [
+            (groups.ulysses_group, groups.ulysses_degree), (groups.ring_group, groups.ring_degree)
+        ]  # fmt: skip
+        mine = torch.tensor(signature, dtype=torch.int64, device=q.device)
+        for group, size in pairs:
+            if size == 1:
+                continue
+            everyone = [torch.empty_like(mine) for _ in range(size)]
+            dist.all_gather(everyone, mine, group=group)
+            seen = [tuple(t.tolist()) for t in everyone]
+            if len(set(seen)) > 1:
+                ranks = dist.get_process_group_ranks(group)
+                raise ValueError(
+                    "the ranks of one USP group passed different inputs ("
+                    + "; ".join(
+                        f"rank{'s' if len(who) > 1 else ''} {', '.join(map(str, who))}: "
+                        f"{_describe_inputs(values, self.qkv_format)}"
+                        for values, who in _ranks_by_value(seen, ranks).items()
+                    )
+                    + "): every rank passes its shard of the same batch, the same b, heads and "
+                    "head_dim and s_local = S / (U x R) tokens, with the same causal and window"
+                )
+        self._agreed = signature
+
+
+def _ranks_by_value(seen: list[tuple[int, ...]], ranks: list[int]) -> dict[tuple, list[int]]:
+    """Global ranks grouped by the inputs they passed, in order of first appearance."""
+    grouped: dict[tuple, list[int]] = {}
+    for values, rank in zip(seen, ranks):
+        grouped.setdefault(values, []).append(rank)
+    return grouped
+
+
+def _describe_inputs(values: tuple[int, ...], qkv_format: str) -> str:
+    """One rank's :meth:`LongContextAttention._check_peers` signature, in words."""
+    q, k, dtype, causal, window = values[:4], values[4:8], values[8], values[9], values[10:]
+    if qkv_format == "sbhd":  # shapes as the caller passed them
+        q, k = ((shape[1], shape[0], *shape[2:]) for shape in (q, k))
+    dtypes = {code: str(t).removeprefix("torch.") for t, code in _DTYPE_CODES.items()}
+    return (
+        f"q {list(q)}, k/v {list(k)}, {dtypes.get(dtype, 'other dtype')}, "
+        f"{'causal' if causal else 'not causal'}, "
+        f"window {tuple(window) if window[0] != -2 else None}"
+    )

@@ -25,9 +25,18 @@ def shard_sequence(
 
     ``layout``: a layout object or a name; with ``cu_seqlens_padded`` those of the packed
     documents derived from it (Megatron's THD split)."""
+    _check_dim(x, dim)
     layout = resolve_layout(layout, groups.ulysses_degree, groups.ring_degree, cu_seqlens_padded)
     positions = layout.positions(x.shape[dim], groups.ulysses_rank, groups.ring_rank)
     return x.index_select(dim, positions.to(x.device))
+
+
+def _check_dim(x: torch.Tensor, dim: int) -> None:
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(
+            f"dim {dim} is not a dimension of a {x.dim()}-D tensor of shape {tuple(x.shape)}: "
+            "pass the sequence dimension (1 for [b, s, h, d], 0 for [s, b, h, d])"
+        )
 
 
 def gather_sequence(
@@ -40,7 +49,22 @@ def gather_sequence(
     """Inverse of :func:`shard_sequence` over the context-parallel group (not differentiable)."""
     if groups.cp_group is None:
         raise ValueError("gather_sequence needs groups.cp_group (as init_usp_groups builds)")
+    _check_dim(x_local, dim)
     layout = resolve_layout(layout, groups.ulysses_degree, groups.ring_degree, cu_seqlens_padded)
+    # Shards of different shapes would crash gloo (or hang NCCL) in the all-gather: their
+    # shapes travel first, so every rank can say which rank holds what.
+    padded = [x_local.dim(), *x_local.shape, *[0] * (8 - x_local.dim())]
+    shape = torch.tensor(padded, device=x_local.device)
+    shapes = [torch.empty_like(shape) for _ in range(groups.cp_size)]
+    dist.all_gather(shapes, shape, group=groups.cp_group)
+    seen = [tuple(s.tolist()[1 : 1 + int(s[0])]) for s in shapes]
+    if len(set(seen)) > 1:
+        ranks = dist.get_process_group_ranks(groups.cp_group)
+        raise ValueError(
+            "gather_sequence: the ranks hold shards of different shapes ("
+            + ", ".join(f"rank {rank}: {list(s)}" for rank, s in zip(ranks, seen))
+            + "): every rank passes its shard of the same tensor"
+        )
     shards = [torch.empty_like(x_local) for _ in range(groups.cp_size)]
     dist.all_gather(shards, x_local.contiguous(), group=groups.cp_group)
     seq_len = x_local.shape[dim] * groups.cp_size

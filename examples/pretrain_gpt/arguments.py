@@ -1,19 +1,37 @@
 """Flags of the GPT pretraining driver: Megatron-LM's names, plus the plugin's ``--usp-*``.
 
-Defaults are the CPU demo: a tiny model that trains in a couple of minutes on 2 cores.
+Defaults are the CPU demo: a tiny model that trains in about a minute on 2 cores. Values
+are checked in ``preflight.py``, before anything is built.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from typing import IO, NoReturn
 
+from preflight import ConfigError
 from report import add_report_args
 
 from usp_megatron.megatron import add_usp_args
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that speaks from one rank: a flag error becomes a :class:`ConfigError`
+    (``pretrain_gpt.py`` prints it once, from rank 0, and every rank exits 1) instead of
+    a usage message per rank, and ``--help`` prints on rank 0 only."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message} ({self.prog} --help lists every flag)")
+
+    def print_help(self, file: IO[str] | None = None) -> None:
+        if os.environ.get("RANK", "0") == "0":
+            super().print_help(file or sys.stdout)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
+    parser = _Parser(prog="pretrain_gpt.py", description=__doc__, allow_abbrev=False)
     model = parser.add_argument_group("model")
     model.add_argument("--num-layers", type=int, default=2)
     model.add_argument("--hidden-size", type=int, default=64)
@@ -120,6 +138,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--weight-decay", type=float, default=0.01)
     train.add_argument("--clip-grad", type=float, default=1.0)
+    train.add_argument(
+        "--override-opt_param-scheduler",
+        "--override-opt-param-scheduler",
+        dest="override_opt_param_scheduler",
+        action="store_true",
+        help="on resume: this run's learning-rate schedule (--lr, --min-lr, --lr-warmup-iters, "
+        "--lr-decay-iters, --weight-decay) replaces the checkpoint's (Megatron-LM's flag)",
+    )
+    train.add_argument(
+        "--use-checkpoint-opt_param-scheduler",
+        "--use-checkpoint-opt-param-scheduler",
+        dest="use_checkpoint_opt_param_scheduler",
+        action="store_true",
+        help="on resume: keep the checkpoint's learning-rate schedule, whatever these flags "
+        "say (Megatron-LM's flag). Without either, a resume whose schedule differs is refused",
+    )
     train.add_argument("--seed", type=int, default=1234)
     train.add_argument("--bf16", action="store_true", help="bf16 model, float32 main weights")
     train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -189,22 +223,4 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.hierarchical_context_parallel_sizes = None  # set from the --usp-* degrees
     if args.num_query_groups is None:
         args.num_query_groups = args.num_attention_heads
-    if args.pack_documents and args.micro_batch_size != 1:
-        raise ValueError(
-            f"--pack-documents packs each sample into one THD sequence: it needs "
-            f"--micro-batch-size 1, got {args.micro_batch_size}"
-        )
-    if not args.pack_documents and (
-        args.pack_pad_multiple or not args.document_mask or args.pack_documents_per_sample
-    ):
-        raise ValueError(
-            "--pack-pad-multiple, --pack-documents-per-sample and --no-document-mask need "
-            "--pack-documents"
-        )
-    per_sample = args.pack_documents_per_sample
-    if per_sample is not None and not 1 <= per_sample <= args.seq_length:
-        raise ValueError(
-            f"--pack-documents-per-sample must be between 1 and --seq-length "
-            f"{args.seq_length}, got {per_sample}"
-        )
     return args

@@ -11,13 +11,14 @@ exactly under the same layout only.
 ``--load`` follows Megatron-LM: a directory without ``latest`` starts from scratch (the
 first run of a ``--save`` and ``--load`` pair); a directory that does not exist is refused
 (a mistyped path would silently train from scratch). A checkpoint whose files are broken
-is refused in one message that names the file (:func:`check_checkpoint`, run before
-anything is built, and again around the load for what only reading finds).
+is refused in one message that names the file (:func:`read_checkpoint`, run before
+anything is built, and around the load for what only reading every byte finds).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import pickle
 from pathlib import Path
@@ -29,7 +30,8 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.utils import unwrap_model
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 # The layout of a run: free to change on resume, but random streams follow it (see _rng).
 _LAYOUT_KEYS = (
@@ -40,7 +42,8 @@ _LAYOUT_KEYS = (
     "data_parallel_size",
 )
 # What makes the resumed run the same run: the model's shapes and numerics, the optimizer
-# (its state's keys) and the sample order (global batch i is samples [i*G, (i+1)*G)).
+# (its state's keys) and the sample order (global batch i is samples [i*G, (i+1)*G) of the
+# dataset shuffled with --seed). Keys a checkpoint lacks (older versions) are not compared.
 _RUN_KEYS = (
     "num_layers",
     "hidden_size",
@@ -55,6 +58,7 @@ _RUN_KEYS = (
     "optimizer",
     "use_distributed_optimizer",
     "global_batch_size",
+    "seed",
 )
 
 
@@ -113,6 +117,29 @@ def _broken_file(path: Path) -> str | None:
     return None
 
 
+def _unreadable_item(path: Path) -> str | None:
+    """The first item of checkpoint ``path`` whose bytes do not load, with its file and
+    offset: what a load that failed on corrupted bytes does not say (it reports every
+    rank's traceback instead). Reads the whole checkpoint: only for a load that failed.
+    Bytes that are corrupted but still parse are not found (no checksums are saved)."""
+    metadata = FileSystemReader(str(path)).read_metadata()
+    items = sorted(metadata.storage_data.items(), key=lambda i: (i[1].relative_path, i[1].offset))
+    for index, info in items:
+        with open(path / info.relative_path, "rb") as file:
+            file.seek(info.offset)
+            blob = io.BytesIO(file.read(info.length))
+        tensor = isinstance(metadata.state_dict_metadata.get(index.fqn), TensorStorageMetadata)
+        try:  # as torch's reader does: tensors weights-only; objects (this run's own) pickled
+            torch.load(blob, map_location="cpu", weights_only=tensor)
+        except Exception as error:  # noqa: BLE001 - any failure is the answer
+            reason = _first_line(error).split(". ")[0].rstrip(".")
+            return (
+                f"{path / info.relative_path} holds unreadable bytes at offset {info.offset} "
+                f"({index.fqn}: {reason})"
+            )
+    return None
+
+
 def _refuse_broken(directory: str, path: Path, problem: str) -> CheckpointError:
     return CheckpointError(
         f"checkpoint {path} is broken: {problem}. Resume from another checkpoint (write its "
@@ -120,12 +147,15 @@ def _refuse_broken(directory: str, path: Path, problem: str) -> CheckpointError:
     )
 
 
-def check_checkpoint(directory: str) -> None:
-    """Refuse with :class:`CheckpointError` a ``--load`` that cannot be resumed from: a
-    missing directory, a broken ``latest``, a checkpoint with broken files."""
+def read_checkpoint(directory: str) -> tuple[int, Path, dict] | None:
+    """The latest checkpoint of a ``--load`` directory: its iteration, its path and its
+    common state (iteration, layout, the run's flags, the scheduler), read without a
+    process group; None when the directory holds no checkpoint yet. Refuses with
+    :class:`CheckpointError` a missing directory, a broken ``latest`` and a checkpoint
+    whose files are missing, truncated or unreadable."""
     iteration = _latest_iteration(directory)
     if iteration is None:
-        return
+        return None
     path = _iteration_dir(directory, iteration)
     if not path.is_dir():
         raise CheckpointError(
@@ -136,6 +166,12 @@ def check_checkpoint(directory: str) -> None:
     problem = _broken_file(path)
     if problem is not None:
         raise _refuse_broken(directory, path, problem)
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(path))
+    except Exception as error:  # noqa: BLE001 - any unreadable file: one message, not 150 lines
+        problem = f"reading {path / 'common.pt'} failed with {_first_line(error)}"
+        raise _refuse_broken(directory, path, problem) from None
+    return iteration, path, common
 
 
 def _layout(args: argparse.Namespace) -> dict:
@@ -272,9 +308,10 @@ def save_checkpoint(args: argparse.Namespace, iteration: int, model, optimizer, 
     dist.barrier()
 
 
-def _check_same_run(args: argparse.Namespace, path: Path, saved: dict) -> None:
+def check_same_run(args: argparse.Namespace, path: Path, saved: dict) -> None:
+    """Refuse a resume that changes the model, the optimizer or the sample order."""
     for key, value in _run(args).items():
-        if saved.get(key) != value:
+        if key in saved and saved[key] != value:
             flag = "--" + key.replace("_", "-")
             raise CheckpointError(
                 f"checkpoint {path} was saved with {flag} {saved.get(key)}, this run has "
@@ -283,10 +320,13 @@ def _check_same_run(args: argparse.Namespace, path: Path, saved: dict) -> None:
             )
 
 
-def _first_line(error: BaseException, where: Path) -> str:
-    """A failed read as one line: where, the exception's type and its first line."""
+def _first_line(error: BaseException) -> str:
+    """A failed read as one line: the exception's type and its first line (for torch's
+    CheckpointException, which holds every rank's traceback, the first rank's error)."""
+    if isinstance(error, CheckpointException) and error.failures:
+        error = next(iter(error.failures.values()))[0]
     first = next((line for line in str(error).splitlines() if line.strip()), "")
-    return f"reading {where} failed with {type(error).__name__}: {first[:300]}"
+    return f"{type(error).__name__}: {first[:300]}"
 
 
 def load_checkpoint(args: argparse.Namespace, model, optimizer, scheduler) -> int:
@@ -294,18 +334,12 @@ def load_checkpoint(args: argparse.Namespace, model, optimizer, scheduler) -> in
 
     Returns its iteration (0 if there is none).
     """
-    iteration = _latest_iteration(args.load)
-    if iteration is None:
+    saved = read_checkpoint(args.load)  # the run's flags were checked in preflight.py
+    if saved is None:
         if dist.get_rank() == 0:
             print(f"no checkpoint in {args.load}: starting from scratch", flush=True)
         return 0
-    check_checkpoint(args.load)
-    path = _iteration_dir(args.load, iteration)
-    try:
-        common = dist_checkpointing.load_common_state_dict(str(path))
-    except Exception as error:  # noqa: BLE001 - any unreadable file: one message, not 150 lines
-        raise _refuse_broken(args.load, path, _first_line(error, path / "common.pt")) from None
-    _check_same_run(args, path, common["run"])
+    iteration, path, common = saved
     metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common)
     _prepare_for_load(optimizer)
     state = _sharded_state(model, optimizer, metadata, loading=True)
@@ -314,8 +348,10 @@ def load_checkpoint(args: argparse.Namespace, model, optimizer, scheduler) -> in
         state["rng_state"] = _rng(args)
     try:
         state = dist_checkpointing.load(state, str(path))
-    except Exception as error:  # noqa: BLE001 - e.g. a shard whose bytes are corrupt
-        problem = _broken_file(path) or _first_line(error, path)
+    # torch's CheckpointException is a BaseException: it carries every rank's traceback.
+    except (Exception, CheckpointException) as error:  # noqa: BLE001 - e.g. corrupt bytes
+        problem = _broken_file(path) or _unreadable_item(path)
+        problem = problem or f"reading {path} failed with {_first_line(error)}"
         raise _refuse_broken(args.load, path, problem) from None
     unwrap_model(model).load_state_dict(state["model"])
     _load_optimizer(optimizer, state["optimizer"])

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from checkpoint import CheckpointError, check_checkpoint
+from checkpoint import CheckpointError, check_same_run, read_checkpoint
 from corpus import ByteTokenizer, default_documents
 from data import tokenizer_for
 from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
@@ -31,7 +32,11 @@ from usp_megatron.kernels.flash_attn import flash_attn_importable
 from usp_megatron.megatron import apply_usp_args, validate_usp_args
 from usp_megatron.megatron.arguments import usp_enabled, usp_layout
 from usp_megatron.megatron.grad_norm import fallback_sites
-from usp_megatron.megatron.validation import check_heads, check_packed_documents
+from usp_megatron.megatron.validation import (
+    check_attention_options,
+    check_heads,
+    check_packed_documents,
+)
 
 # Token ids are checked against the vocabulary over at most this many tokens of a dataset
 # (a full scan of a large corpus would cost minutes on every rank before training).
@@ -42,6 +47,42 @@ MAX_TOKENS_SCANNED = 1 << 24
 # TransformerEngine's FP8GlobalStateManager) and mlp's backward recomputes itself without end
 # (the checkpoint returns the bias parameter it skipped adding), both seen on CPU.
 RECOMPUTE_MODULES = ("core_attn",)
+
+# Integer flags and their smallest valid value (None: not given, nothing to check). Below
+# it they used to fail after the model was built (a ZeroDivisionError for --log-interval 0,
+# a SIGFPE for --seq-length 0) or to train something else than asked (--ffn-hidden-size 0).
+AT_LEAST = (
+    ("--num-layers", 1, "transformer layers"),
+    ("--hidden-size", 1, "the model width"),
+    ("--num-attention-heads", 1, "query heads"),
+    ("--ffn-hidden-size", 1, "the MLP's hidden size"),
+    ("--seq-length", 1, "tokens per sequence"),
+    ("--tensor-model-parallel-size", 1, "1: no tensor parallelism"),
+    ("--micro-batch-size", 1, "sequences per forward pass"),
+    ("--global-batch-size", 1, "sequences per iteration"),
+    ("--train-iters", 1, "iterations to train"),
+    ("--log-interval", 1, "a log line every N iterations"),
+    ("--save-interval", 1, "a checkpoint every N iterations"),
+    ("--lr-warmup-iters", 0, "iterations of linear warmup; 0: none"),
+    ("--lr-decay-iters", 1, "iterations of cosine decay"),
+    ("--window-attn-skip-freq", 1, "every N-th layer attends globally"),
+    ("--vocab-size", 1, "token ids of --data-path"),
+    ("--pack-documents-per-sample", 1, "documents cut from each sample"),
+    ("--usp-gpus-per-node", 1, "GPUs of one node"),
+)
+# The optimizer's learning-rate schedule on resume: megatron-core's OptimizerParamScheduler
+# compares these of the checkpoint with the run's, and the flag that sets each.
+SCHEDULE_FLAGS = {
+    "max_lr": "--lr",
+    "min_lr": "--min-lr",
+    "lr_warmup_steps": "--lr-warmup-iters",
+    "lr_decay_steps": "--lr-decay-iters",
+    "lr_decay_style": "the decay style",
+    "start_wd": "--weight-decay",
+    "end_wd": "--weight-decay",
+    "wd_incr_steps": "--lr-decay-iters",
+    "wd_incr_style": "the weight-decay style",
+}
 
 
 class ConfigError(ValueError):
@@ -71,10 +112,32 @@ class Plan:
     kernel_reason: str
     grad_norm: str
     data: DataFacts
+    #: Flags this configuration accepts but does not use, each with why (the banner says so).
+    ignored: tuple[str, ...] = ()
+    #: The checkpoint this run resumes from and whose learning-rate schedule runs; None
+    #: when it starts from scratch.
+    resume: str | None = None
 
 
 def use_cuda(args: argparse.Namespace) -> bool:
     return args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+
+
+def lr_schedule(args: argparse.Namespace) -> dict:
+    """The arguments of megatron-core's ``OptimizerParamScheduler`` (also the keys of its
+    state that a resume compares): cosine from ``--lr`` to ``--min-lr`` over
+    ``--lr-decay-iters`` after a linear warmup, constant weight decay."""
+    return {
+        "max_lr": args.lr,
+        "min_lr": args.min_lr,
+        "lr_warmup_steps": args.lr_warmup_iters,
+        "lr_decay_steps": args.lr_decay_iters,
+        "lr_decay_style": "cosine",
+        "start_wd": args.weight_decay,
+        "end_wd": args.weight_decay,
+        "wd_incr_steps": args.lr_decay_iters,
+        "wd_incr_style": "constant",
+    }
 
 
 def check_configuration(
@@ -87,18 +150,34 @@ def check_configuration(
     """
     if local_world_size is None:  # torchrun's processes on this node, else one node
         local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    _check_ranges(args)
+    auto_degrees = args.usp_ulysses_degree == "auto"
     device = _check_device(args, local_world_size)
     _check_context_parallel(args)
+    ignored = ignored_flags(args, auto_degrees)
     args.data_parallel_size = _check_world(args, world_size)
     _check_heads(args)
     _check_seq_length(args)
+    _check_attention(args)
     _check_packed_documents(args)
     _check_recompute(args)
     try:
         validate_usp_args(args)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    _check_schedule(args)
+    _check_outputs(args)
+    _check_checkpointing(args)
+    resume = _check_resume(args)
+    if resume is None:
+        ignored += [
+            f"{flag} (no checkpoint to resume)"
+            for flag, given in (
+                ("--override-opt_param-scheduler", args.override_opt_param_scheduler),
+                ("--use-checkpoint-opt_param-scheduler", args.use_checkpoint_opt_param_scheduler),
+            )
+            if given
+        ]
+    _check_lr_schedule(args)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     kernel, reason = attention_kernel(args, device, dtype)
     if args.tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
@@ -116,7 +195,38 @@ def check_configuration(
         kernel_reason=reason,
         grad_norm=grad_norm_kernel(args),
         data=check_data(args),
+        ignored=tuple(ignored),
+        resume=resume,
     )
+
+
+def _dest(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    """Every number in its valid range, before anything computes with it."""
+    for flag, minimum, meaning in AT_LEAST:
+        value = getattr(args, _dest(flag))
+        if value is not None and value < minimum:
+            raise ConfigError(f"{flag} must be at least {minimum} ({meaning}), got {value}")
+    if not 0 <= args.seed < 2**32:
+        raise ConfigError(f"--seed must be between 0 and 2**32 - 1 (numpy's), got {args.seed}")
+    for flag, low, high, meaning in (
+        ("--lr", 0.0, math.inf, "the peak learning rate"),
+        ("--min-lr", 0.0, args.lr, f"the cosine decays from --lr {args.lr:g} to it"),
+        ("--weight-decay", 0.0, math.inf, "decoupled weight decay"),
+        ("--clip-grad", 0.0, math.inf, "the gradient-norm clip; 0: no clipping"),
+        ("--hidden-dropout", 0.0, 1.0, "a probability"),
+        ("--attention-dropout", 0.0, 1.0, "a probability"),
+        ("--peak-tflops", 1e-9, math.inf, "TFLOP/s of one GPU, for MFU"),
+    ):
+        value = getattr(args, _dest(flag))
+        if value is not None and not (low <= value <= high and math.isfinite(value)):
+            bound = f"between {low:g} and {high:g}" if math.isfinite(high) else f">= {low:g}"
+            if flag == "--peak-tflops":
+                bound = "positive"
+            raise ConfigError(f"{flag} must be {bound} ({meaning}), got {value}")
 
 
 def _check_device(args: argparse.Namespace, local_world_size: int) -> torch.device:
@@ -174,13 +284,6 @@ def _degree_examples(args: argparse.Namespace, cp: int) -> str:
 
 def _check_world(args: argparse.Namespace, world_size: int) -> int:
     tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
-    for flag, value in (
-        ("--tensor-model-parallel-size", tp),
-        ("--micro-batch-size", args.micro_batch_size),
-        ("--global-batch-size", args.global_batch_size),
-    ):
-        if value < 1:
-            raise ConfigError(f"{flag} must be at least 1, got {value}")
     if world_size % (tp * cp):
         raise ConfigError(
             f"world size {world_size} is not a multiple of TP {tp} x CP {cp} = {tp * cp}: "
@@ -221,6 +324,20 @@ def _check_heads(args: argparse.Namespace) -> None:
             f"--num-query-groups {groups} must be divisible by --tensor-model-parallel-size "
             f"{tp}: tensor parallelism splits the key/value heads too"
         )
+    if args.ffn_hidden_size % tp:
+        raise ConfigError(
+            f"--ffn-hidden-size {args.ffn_hidden_size} must be divisible by "
+            f"--tensor-model-parallel-size {tp}: tensor parallelism splits the MLP"
+        )
+    head_dim = args.hidden_size // heads
+    if args.position_embedding_type == "rope" and head_dim % 2:
+        fits = [h * heads for h in (head_dim - 1, head_dim + 1) if h > 0]
+        raise ConfigError(
+            f"--hidden-size {args.hidden_size} / --num-attention-heads {heads} gives head "
+            f"dimension {head_dim}, but RoPE rotates pairs of channels: it must be even (e.g. "
+            f"--hidden-size {' or '.join(map(str, fits))}), or use --position-embedding-type "
+            "learned_absolute"
+        )
     if usp_enabled(args):
         try:
             check_heads(heads, tp, args.usp_ulysses_degree)
@@ -241,11 +358,63 @@ def _check_seq_length(args: argparse.Namespace) -> None:
         raise ConfigError(f"--seq-length: {error}; e.g. --seq-length {below} or {above}") from None
 
 
+def _check_attention(args: argparse.Namespace) -> None:
+    """A sliding window the causal model can take, and what USP attention refuses at any
+    context-parallel size (it is the core attention unless --megatron-attention)."""
+    window = args.window_size
+    if window is not None:
+        shown = " ".join(map(str, window))
+        try:
+            window = check_window(tuple(window))
+        except ValueError as error:
+            raise ConfigError(f"--window-size {shown}: {error}") from None
+        if window is not None and window[1] != 0:
+            raise ConfigError(
+                f"--window-size {shown}: this GPT is causal (token i never sees a later "
+                f"token), so RIGHT must be 0; {window[1]} would silently act as 0: use "
+                f"--window-size {window[0]} 0"
+            )
+    if not args.megatron_attention:
+        try:
+            check_attention_options(attention_dropout=args.attention_dropout)
+        except ValueError as error:
+            raise ConfigError(f"{error} (or --megatron-attention, without USP)") from None
+
+
 def _check_packed_documents(args: argparse.Namespace) -> None:
     """What USP attention refuses for packed documents (THD), which would otherwise come
     from the first forward, after the model is built, once per rank."""
+    packing = {
+        "--pack-pad-multiple": args.pack_pad_multiple is not None,
+        "--pack-documents-per-sample": args.pack_documents_per_sample is not None,
+        "--no-document-mask": not args.document_mask,
+    }
     if not args.pack_documents:
+        given = [flag for flag, present in packing.items() if present]
+        if given:
+            one = len(given) == 1
+            raise ConfigError(
+                f"{' and '.join(given)} need{'s' if one else ''} --pack-documents: add "
+                f"--pack-documents, or drop {'it' if one else 'them'}"
+            )
         return
+    if args.micro_batch_size != 1:
+        raise ConfigError(
+            f"--pack-documents packs each sample into one THD sequence: it needs "
+            f"--micro-batch-size 1, got {args.micro_batch_size}"
+        )
+    if args.megatron_attention:
+        raise ConfigError(
+            "--megatron-attention with --pack-documents: Megatron's DotProductAttention takes "
+            "no packed sequences (megatron-core asks for TransformerEngine's); drop "
+            "--megatron-attention (USP's attention takes them at any context-parallel size)"
+        )
+    per_sample = args.pack_documents_per_sample
+    if per_sample is not None and per_sample > args.seq_length:
+        raise ConfigError(
+            f"--pack-documents-per-sample must be between 1 and --seq-length "
+            f"{args.seq_length} (a document per token at most), got {per_sample}"
+        )
     cp = args.context_parallel_size
     heads = args.num_attention_heads // args.tensor_model_parallel_size
     u = args.usp_ulysses_degree if usp_enabled(args) else 1
@@ -337,26 +506,47 @@ def grad_norm_kernel(args: argparse.Namespace) -> str:
     )
 
 
-def _check_schedule(args: argparse.Namespace) -> None:
-    if args.train_iters < 1:
-        raise ConfigError(f"--train-iters must be at least 1, got {args.train_iters}")
+def _check_lr_schedule(args: argparse.Namespace) -> None:
+    """What megatron-core's OptimizerParamScheduler would assert after the model is built."""
     if args.lr_warmup_iters >= args.lr_decay_iters:
         raise ConfigError(
             f"--lr-warmup-iters {args.lr_warmup_iters} must be below --lr-decay-iters "
             f"{args.lr_decay_iters} (default: --train-iters): lower the warmup, or leave it "
             "out (the default fits any --train-iters)"
         )
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Where the run writes must take what it writes: found at the first save, or after
+    the last iteration (the history file), the mistake would cost the run."""
+    for flag, path, directory in (
+        ("--save", args.save, True),
+        ("--tensorboard-dir", args.tensorboard_dir, True),
+        ("--data-cache-path", args.data_cache_path, True),
+        ("--history-json", args.history_json, False),
+    ):
+        if path is None:
+            continue
+        target = Path(path)
+        if directory and target.exists() and not target.is_dir():
+            raise ConfigError(f"{flag} {path} is a file: give a directory (created if missing)")
+        if not directory and target.is_dir():
+            raise ConfigError(f"{flag} {path} is a directory: give a file name")
+        existing = next(parent for parent in target.absolute().parents if parent.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise ConfigError(
+                f"{flag} {path}: nothing can be written below {existing} (a file, or not "
+                "writable): give a path in a writable directory"
+            )
+
+
+def _check_checkpointing(args: argparse.Namespace) -> None:
     # Without psutil, the writer processes of megatron-core's torch_dist format die at their
     # start and the save waits for them forever.
     if args.save is not None and importlib.util.find_spec("psutil") is None:
         raise ConfigError(
             "--save needs psutil for megatron-core's checkpoint writer: pip install psutil"
         )
-    if args.load is not None:
-        try:
-            check_checkpoint(args.load)
-        except CheckpointError as error:
-            raise ConfigError(str(error)) from None
     # megatron-core's distributed optimizer checkpoints Adam's state only (main weights,
     # exp_avg, exp_avg_sq): SGD's momentum would be lost without a word.
     checkpointing = args.save is not None or args.load is not None
@@ -365,6 +555,104 @@ def _check_schedule(args: argparse.Namespace) -> None:
             f"--use-distributed-optimizer checkpoints hold Adam's state only, not --optimizer "
             f"{args.optimizer}'s: use --optimizer adam, or drop --use-distributed-optimizer"
         )
+
+
+def _check_resume(args: argparse.Namespace) -> str | None:
+    """A ``--load`` checkpoint this run can resume from, and the learning-rate schedule it
+    resumes with, by Megatron's rule (megatron-core's ``OptimizerParamScheduler``): a
+    schedule that differs from the checkpoint's is refused unless
+    ``--override-opt_param-scheduler`` (this run's) or
+    ``--use-checkpoint-opt_param-scheduler`` (the checkpoint's; its values are then set on
+    ``args``, so that the banner shows what runs) says which one. Returns the banner's line
+    about the resume, None without one."""
+    if args.load is None:
+        return None
+    try:
+        saved = read_checkpoint(args.load)
+        if saved is not None:
+            check_same_run(args, saved[1], saved[2]["run"])
+    except CheckpointError as error:
+        raise ConfigError(str(error)) from None
+    if saved is None:
+        return None
+    iteration, path, common = saved
+    where = f"from iteration {iteration} of {args.load}"
+    if iteration >= args.train_iters:
+        return f"{where}: nothing to do (--train-iters {args.train_iters})"
+    override = args.override_opt_param_scheduler
+    use_checkpoint = args.use_checkpoint_opt_param_scheduler
+    if override and use_checkpoint:
+        raise ConfigError(
+            "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler "
+            "contradict each other: give one (this run's schedule or the checkpoint's)"
+        )
+    mine, theirs = lr_schedule(args), common["scheduler"]
+    changes = {}  # flag -> (checkpoint's, this run's), each flag once
+    for key, flag in SCHEDULE_FLAGS.items():
+        if key in theirs and theirs[key] != mine[key]:
+            changes.setdefault(flag, (theirs[key], mine[key]))
+    described = "; ".join(f"{flag} saved {old}, now {new}" for flag, (old, new) in changes.items())
+    if not changes:
+        return f"{where}; learning-rate schedule as saved"
+    if override:
+        return (
+            f"{where}; learning-rate schedule this run's, not the checkpoint's ({described}: "
+            "--override-opt_param-scheduler)"
+        )
+    if use_checkpoint:
+        args.lr, args.min_lr = theirs["max_lr"], theirs["min_lr"]
+        args.lr_warmup_iters, args.lr_decay_iters = (
+            theirs["lr_warmup_steps"],
+            theirs["lr_decay_steps"],
+        )
+        args.weight_decay = theirs["start_wd"]
+        return (
+            f"{where}; learning-rate schedule the checkpoint's, not this run's "
+            f"({described}: --use-checkpoint-opt_param-scheduler)"
+        )
+    raise ConfigError(
+        f"--load {args.load}: the checkpoint of iteration {iteration} ({path}) has another "
+        f"learning-rate schedule than this run ({described}; --lr-decay-iters defaults to "
+        "--train-iters): resume with --use-checkpoint-opt_param-scheduler to keep the "
+        "checkpoint's, or with --override-opt_param-scheduler to switch to this run's "
+        "(Megatron-LM's rule)"
+    )
+
+
+def ignored_flags(args: argparse.Namespace, auto_degrees: bool) -> list[str]:
+    """Flags that this configuration accepts but does not use, each with why: the banner
+    lists them (a typed flag that changes nothing must not pass in silence).
+    ``auto_degrees``: whether ``--usp-ulysses-degree auto`` was given (resolved by now)."""
+    defaults = _defaults()
+    window = args.window_size is not None and tuple(args.window_size) != (-1, -1)
+    rules = (
+        ("save_interval", args.save is None, "no --save: nothing is saved"),
+        ("usp_ring_impl", not usp_enabled(args), "no context parallelism: whole sequences "
+         "per rank"),
+        ("usp_attn_backend", args.megatron_attention, "--megatron-attention runs Megatron's "
+         "DotProductAttention"),
+        ("usp_gpus_per_node", not auto_degrees, "used by --usp-ulysses-degree auto only"),
+        ("count_host_syncs", not use_cuda(args), "CUDA only; this run is on CPU"),
+        ("vocab_size", args.data_path is None, "the embedded corpus is byte-level, "
+         f"{ByteTokenizer.vocab_size} ids"),
+        ("window_attn_skip_freq", not window, "no sliding --window-size"),
+    )  # fmt: skip
+    notes = []
+    for dest, unused, why in rules:
+        value = getattr(args, dest)
+        if unused and value != defaults[dest]:
+            flag = "--" + dest.replace("_", "-")
+            shown = "" if isinstance(value, bool) else f" {value}"
+            notes.append(f"{flag}{shown} ({why})")
+    return notes
+
+
+def _defaults() -> dict:
+    """The driver's flag defaults (a flag set to its default was not typed, or changes
+    nothing anyway)."""
+    from arguments import build_parser  # arguments.py imports this module
+
+    return vars(build_parser().parse_args([]))
 
 
 def attention_kernel(

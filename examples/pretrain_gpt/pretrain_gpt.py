@@ -38,12 +38,13 @@ from usp_megatron.megatron.launch import exit_refused  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train; a refused configuration is one message from rank 0 and exit 1 on every rank."""
-    args = parse_args(argv)
-    if "RANK" not in os.environ:
-        sys.exit("launch with torchrun, e.g. torchrun --nproc-per-node 4 " + sys.argv[0])
-    rank = int(os.environ["RANK"])
+    """Train; a refused configuration (a flag argparse refuses included) is one message from
+    rank 0 and exit 1 on every rank."""
+    rank = int(os.environ.get("RANK", "0"))
     try:
+        args = parse_args(argv)
+        if "RANK" not in os.environ:
+            sys.exit("launch with torchrun, e.g. torchrun --nproc-per-node 4 " + sys.argv[0])
         plan = check_configuration(args, int(os.environ["WORLD_SIZE"]))
         if rank == 0:
             print(banner(args, plan), flush=True)
@@ -65,8 +66,10 @@ def _run(args: argparse.Namespace) -> list[dict]:
     try:
         history = train(args)
         if args.history_json and history and dist.get_rank() == 0:
+            Path(args.history_json).parent.mkdir(parents=True, exist_ok=True)
             with open(args.history_json, "w") as f:
                 json.dump({"args": vars(args), "history": history}, f, indent=1)
+        dist.barrier()  # no rank closes its connections while another finishes a collective
         return history
     finally:
         dist.destroy_process_group()

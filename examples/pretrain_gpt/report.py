@@ -13,8 +13,10 @@ import resource
 import sys
 
 import torch
+from megatron.core.transformer.utils import is_layer_window_attention
 from preflight import Plan
 
+from usp_megatron.checks import check_window
 from usp_megatron.heads import head_split
 from usp_megatron.megatron.arguments import usp_enabled, usp_layout
 
@@ -223,10 +225,11 @@ def _count(n: int, noun: str) -> str:
     return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}{'es' if noun.endswith('s') else 's'}"
 
 
-def _ranges(positions: list[int]) -> str:
-    """``0-15, 112-127``; long runs of single positions (stripe) shortened."""
+def _ranges(positions: list[int], offset: int = 0) -> str:
+    """``0-15, 112-127``; long runs of single positions (stripe) shortened. ``offset`` is
+    added to every number shown (layers count from 1)."""
     runs: list[list[int]] = []
-    for p in positions:
+    for p in (p + offset for p in positions):
         if runs and p == runs[-1][1] + 1:
             runs[-1][1] = p
         else:
@@ -243,6 +246,39 @@ def _layout(args: argparse.Namespace) -> str:
     layout = usp_layout(args)
     rank0 = layout.positions(args.seq_length, 0, 0).tolist()
     return f"{layout.name}: {layout.describe()}; rank 0 holds {_ranges(rank0)}"
+
+
+def _heads(args: argparse.Namespace, u: int) -> str:
+    """Heads per rank after the ulysses all-to-all: one count when ``U`` splits them
+    evenly, every ulysses rank's when it does not (and what the busiest rank costs)."""
+    tp = args.tensor_model_parallel_size
+    split = head_split(args.num_attention_heads // tp, args.num_query_groups // tp, u)
+    model = f"(model: {args.num_attention_heads} / {args.num_query_groups})"
+    if split.even:
+        return f"heads {split.q_heads[0]} query / {split.kv_heads[0]} key-value {model}"
+    return (
+        f"heads {'/'.join(map(str, split.q_heads))} query / "
+        f"{'/'.join(map(str, split.kv_heads))} key-value on ulysses ranks 0-{u - 1} {model}: "
+        f"uneven, the busiest rank computes {split.imbalance:.2f}x the mean"
+    )
+
+
+def _window(args: argparse.Namespace) -> str | None:
+    """The sliding window and the layers that use it (Megatron's rule), None without one."""
+    window = check_window(None if args.window_size is None else tuple(args.window_size))
+    if window is None:
+        return None
+    left = "all earlier tokens" if window[0] < 0 else f"tokens i-{window[0]} .. i"
+    layers = [
+        n
+        for n in range(1, args.num_layers + 1)
+        if is_layer_window_attention(window, args.window_attn_skip_freq, n)
+    ]
+    where = "every layer" if len(layers) == args.num_layers else (
+        f"layers {_ranges([n - 1 for n in layers], offset=1)} of {args.num_layers} (those "
+        f"numbered a multiple of {args.window_attn_skip_freq} attend globally)"
+    )  # fmt: skip
+    return f"{window[0]} {window[1]}: token i sees {left}, on {where}"
 
 
 def _recompute(args: argparse.Namespace) -> str:
@@ -273,15 +309,14 @@ def banner(args: argparse.Namespace, plan: Plan) -> str:
         cp_text = f"CP {cp} (USP: Ulysses U {u} x Ring R {args.usp_ring_degree})"
     else:
         u, cp_text = 1, f"CP {cp}"
-    q_tp = args.num_attention_heads // tp
-    kv_tp = args.num_query_groups // tp
-    split = head_split(q_tp, kv_tp, u)
-    q_rank, kv_rank = max(split.q_heads), max(split.kv_heads)  # the most loaded rank
     peak, peak_source = peak_tflops(args, plan.device)
     mfu = f"MFU against {peak:g} TFLOP/s ({peak_source})" if peak else f"no MFU ({peak_source})"
     data = plan.data
     tokens = args.global_batch_size * args.seq_length
     warmup = f"warmup {args.lr_warmup_iters}"
+    decay = (
+        "" if args.lr_decay_iters == args.train_iters else f" to iteration {args.lr_decay_iters}"
+    )
     outputs = [
         "log: stdout (rank 0)",
         f"history: {args.history_json or '- (--history-json)'}",
@@ -296,8 +331,7 @@ def banner(args: argparse.Namespace, plan: Plan) -> str:
         f"layout     {_layout(args)}",
         f"attention  kernel {plan.kernel} ({plan.kernel_reason})",
         f"per rank   {args.seq_length // cp} of {args.seq_length} tokens of each sequence; "
-        f"heads {q_rank} query / {kv_rank} key-value (model: {args.num_attention_heads} / "
-        f"{args.num_query_groups})",
+        f"{_heads(args, u)}",
         f"model      {args.num_layers} layers, hidden {args.hidden_size}, ffn "
         f"{args.ffn_hidden_size}, {args.position_embedding_type}, vocab {data.vocab_size}",
         f"data       {data.description}: {data.documents:,} documents, {data.tokens:,} tokens"
@@ -305,11 +339,18 @@ def banner(args: argparse.Namespace, plan: Plan) -> str:
         f"training   {_count(args.train_iters, 'iteration')} x "
         f"{_count(args.global_batch_size, 'sequence')} "
         f"(micro-batch {args.micro_batch_size}) = {tokens:,} tokens each; {args.optimizer}, "
-        f"lr {args.lr:.1e} -> {args.min_lr:.1e} cosine, {warmup}; {mfu}",
+        f"lr {args.lr:.1e} -> {args.min_lr:.1e} cosine{decay}, {warmup}; {mfu}",
         f"recompute  {_recompute(args)}",
         f"grad norm  {plan.grad_norm}",
         f"outputs    {'; '.join(outputs)}",
     ]
+    window = _window(args)
+    if window is not None:
+        lines.insert(6, f"window     {window}")
+    if plan.resume is not None:
+        lines.append(f"resume     {plan.resume}")
+    if plan.ignored:
+        lines.append(f"ignored    {'; '.join(plan.ignored)}")
     return "\n".join(lines)
 
 

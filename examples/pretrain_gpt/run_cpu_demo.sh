@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CPU demo: 4 processes (gloo) train the tiny default GPT with USP U2 x R2 on the embedded
-# pydoc corpus. A couple of minutes on 2 cores. Extra flags pass through, e.g.
+# pydoc corpus. About a minute on 2 cores. Extra flags pass through, e.g.
 #   bash examples/pretrain_gpt/run_cpu_demo.sh --usp-ring-impl stripe --train-iters 20
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -32,7 +32,7 @@ from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
-from preflight import Plan, check_configuration, use_cuda
+from preflight import Plan, check_configuration, lr_schedule, use_cuda
 from report import Reporter, nothing_to_do
 
 from usp_megatron.layout import SequenceLayout
@@ -226,18 +226,13 @@ def train(args: argparse.Namespace) -> list[dict]:
     layout = usp_layout(args)  # the flags' layout, resolved once and handed down
     config, model = build_model(args, layout)
     ddp, optimizer = build_optimizer(args, config, model)
+    # On resume, preflight.py has decided whose schedule runs (Megatron's flags and rule).
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
-        max_lr=args.lr,
-        min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters,
-        lr_decay_steps=args.lr_decay_iters,
-        lr_decay_style="cosine",
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters,
-        wd_incr_style="constant",
+        **lr_schedule(args),
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
     )
     # The scheduler's load_state_dict steps it by the saved count, from where it is now.
     first_iteration = load_checkpoint(args, ddp, optimizer, scheduler) if args.load else 0

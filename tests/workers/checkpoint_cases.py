@@ -4,11 +4,14 @@ Every rank runs the whole story: a run of 4 iterations under U2R2 that never sto
 of 2 that saves, and resumes of that checkpoint under other layouts (the driver's
 ``initialize`` rebuilds Megatron's groups for each) that train iterations 3 and 4. Then
 the same with Adam and the distributed optimizer, and the resumes that must be refused.
-The test compares what comes back.
+The test compares what comes back. Last, resumes whose learning-rate schedule differs
+from the checkpoint's: refused without a flag, and the lr that runs with either of
+Megatron's two flags.
 """
 
 from __future__ import annotations
 
+import random
 import shutil
 from pathlib import Path
 
@@ -44,6 +47,10 @@ def _driver():
 
 def _metrics(history: list[dict]) -> list[tuple[int, float, float]]:
     return [(h["iteration"], h["loss"], h["grad_norm"]) for h in history]
+
+
+# A resume with another decay length than the saved run's (4 iterations).
+OTHER_SCHEDULE = ["--lr-decay-iters", "8"]
 
 
 def _refusal(parse_args, train, argv: list[str]) -> str:
@@ -90,6 +97,13 @@ def resume_across_layouts(directory: str) -> dict:
     out["refused"]["sgd state"] = _refusal(
         parse_args, train, [*common, *SGD, "--use-distributed-optimizer", "--save", directory]
     )
+    resume_sgd = [*common, *SGD, *SAVED_UNDER, *resume, f"{directory}/sgd", *OTHER_SCHEDULE]
+    out["refused"]["schedule"] = _refusal(parse_args, train, resume_sgd)
+    for flag in ("--use-checkpoint-opt_param-scheduler", "--override-opt_param-scheduler"):
+        history = train(parse_args([*resume_sgd, flag]))
+        out[f"lr {flag}"] = [(h["iteration"], h["lr"]) for h in history]
+    out["lr straight"] = [(h["iteration"], h["lr"]) for h in train(parse_args(
+        [*common, *SGD, *SAVED_UNDER, "--train-iters", str(TRAIN_ITERS)]))]  # fmt: skip
     for broken in CORRUPTIONS:
         copy = f"{directory}/broken-{broken}"
         if dist.get_rank() == 0:
@@ -102,15 +116,20 @@ def resume_across_layouts(directory: str) -> dict:
     return out
 
 
-CORRUPTIONS = ("truncated shard", "bad metadata", "bad latest")
+CORRUPTIONS = ("truncated shard", "corrupted shard", "bad metadata", "bad latest")
 
 
 def _corrupt(directory: Path, how: str) -> None:
     """Break a copy of a saved checkpoint as a crash or a full disk would."""
     checkpoint = directory / f"iter_{SAVED_AT:07d}"
+    shard = max(checkpoint.glob("*.distcp"), key=lambda file: file.stat().st_size)
     if how == "truncated shard":
-        shard = max(checkpoint.glob("*.distcp"), key=lambda file: file.stat().st_size)
         shard.write_bytes(shard.read_bytes()[:100])
+    elif how == "corrupted shard":  # the same size, every 997th byte replaced
+        data, rng = bytearray(shard.read_bytes()), random.Random(0)
+        for i in range(0, len(data), 997):
+            data[i] = rng.randrange(256)
+        shard.write_bytes(bytes(data))
     elif how == "bad metadata":
         (checkpoint / "metadata.json").write_text('{"sharded_backend": "torch_d')
     else:

@@ -56,9 +56,36 @@ def try_bad_inputs() -> dict[str, str]:
     messages["backend on wrong device"] = _raises(
         lambda: LongContextAttention(groups, backend="torch_flash")(x, x, x)
     )
+    # Ranks with different shards would crash gloo in the all-to-all: one message instead.
+    longer = torch.randn(1, 4 if dist.get_rank() == 0 else 8, 4, 8)
+    messages["lengths differ"] = _raises(lambda: attn(longer, longer, longer))
+    messages["causal differs"] = _raises(lambda: attn(x, x, x, causal=dist.get_rank() != 3))
+    # [b, h, s, d] would be read as [b, s, h, d]: refused where the caller states the heads.
+    stated = LongContextAttention(groups, num_heads=4, num_kv_heads=4, head_dim=8)
+    bhsd = torch.randn(1, 4, 8, 8)
+    messages["[b, h, s, d] for bshd"] = _raises(lambda: stated(bhsd, bhsd, bhsd))
+    messages["unknown qkv_format"] = _raises(
+        lambda: LongContextAttention(groups, qkv_format="bhsd")
+    )
+    messages["zero num_heads"] = _raises(lambda: LongContextAttention(groups, num_heads=0))
+    messages["shard dim"] = _raises(lambda: attn.shard(x, dim=4))
+    messages["integer q"] = _raises(lambda: attn(x.int(), x.int(), x.int()))
+    messages["head_dim 0"] = _raises(lambda: attn(*(x[..., :0] for _ in range(3))))
+    messages["softmax_scale"] = _raises(lambda: attn(x, x, x, softmax_scale="0.1"))
+    messages["gather shapes differ"] = _raises(lambda: attn.gather(longer))
     # After all the refusals the world still works: nothing was left half-way in a collective.
     out = attn(x, x, x)
     messages["still works"] = "ok" if out.shape == x.shape else "bad shape"
+    # Megatron's [s, b, h, d] order gives the same attention, transposed.
+    sbhd = LongContextAttention(groups, layout="zigzag", qkv_format="sbhd", num_heads=4)
+    seq_first = torch.randn(16, 2, 4, 8, generator=torch.Generator().manual_seed(3))
+    shard = sbhd.shard(seq_first)  # along dim 0
+    same = torch.allclose(
+        sbhd(shard, shard, shard).transpose(0, 1),
+        attn(*(shard.transpose(0, 1) for _ in range(3))),
+        rtol=0, atol=1e-6,
+    )  # fmt: skip
+    messages["sbhd matches bshd"] = "ok" if shard.shape[0] == 4 and same else "differs"
     out = attn(three_heads, three_heads[:, :, :1], three_heads[:, :, :1])
     messages["uneven heads run"] = "ok" if out.shape == three_heads.shape else "bad shape"
     return messages
