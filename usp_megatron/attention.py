@@ -354,7 +354,7 @@ class LongContextAttention(nn.Module):
         if self.seq_dim == 0:  # sbhd -> bshd (views)
             q, k, v = (t.transpose(0, 1) for t in (q, k, v))
         split = self._check(q, k, v, layout)
-        self._check_peers(q, k, causal, window)
+        self._check_peers(q, k, causal, window, layout.masks_documents)
         if softmax_scale is not None and not (
             isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)
         ):
@@ -381,16 +381,27 @@ class LongContextAttention(nn.Module):
         return out.transpose(0, 1) if self.seq_dim == 0 else out
 
     def _check_peers(
-        self, q: torch.Tensor, k: torch.Tensor, causal: bool, window: tuple[int, int] | None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        causal: bool,
+        window: tuple[int, int] | None,
+        packed: bool,
     ) -> None:
         """Every rank of the context-parallel group must pass the same shapes, dtype, mask
         and window: a rank whose shard differs would end the all-to-all in a gloo crash, an
         NCCL hang or a wrong result. One small all-gather says which rank passed what, on a
         module's first call and whenever this rank's inputs change (a fixed shape pays it
-        once: reading its result waits for the device)."""
+        once: reading its result waits for the device). Packed documents change their
+        length every batch, so theirs is left out (the batch split compares the documents
+        themselves): a packed model pays the all-gather once, not once per layer and
+        batch."""
         groups = self.groups
+        q_shape, k_shape = list(q.shape), list(k.shape)
+        if packed:
+            q_shape[1] = k_shape[1] = -1
         signature = (
-            *q.shape, *k.shape, _DTYPE_CODES.get(q.dtype, 0), int(causal), *(window or (-2, -2))
+            *q_shape, *k_shape, _DTYPE_CODES.get(q.dtype, 0), int(causal), *(window or (-2, -2))
         )  # fmt: skip
         if groups.cp_size == 1 or signature == self._agreed:
             return
