@@ -16,6 +16,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from usp_megatron.layout import get_layout
 from usp_megatron.megatron.megatron_lm import (
+    USPArgumentError,
     with_usp_args,
     wrap_core_attention,
     wrap_parse_args,
@@ -40,6 +41,16 @@ def test_validate_args_hook_applies_before_and_checks_after():
     assert seen == {"cp": 4, "hcp": [2, 2]}
     with pytest.raises(ValueError, match="must be at most the attention heads"):
         hooked(parse("--usp-ulysses-degree", "4", num_attention_heads=2))
+    # Megatron-LM's own check of the length would name --context-parallel-size, which USP
+    # set: refused before it runs, naming the flags the user typed.
+    seen.clear()
+    with pytest.raises(USPArgumentError) as error:
+        hooked(parse("--usp-ulysses-degree", "2", "--usp-ring-degree", "3", seq_length=100))
+    assert seen == {} and str(error.value) == (
+        "--seq-length 100 must be a multiple of 2 x --usp-ulysses-degree 2 x "
+        "--usp-ring-degree 3 = 12 (Megatron-LM cuts every sequence into 2 x U x R chunks): "
+        "e.g. --seq-length 96 or 108"
+    )
 
 
 def test_flags_hook_chains_extra_args_providers_once():
@@ -92,6 +103,7 @@ def _megatron_lm_training(tag: str, args: argparse.Namespace) -> dict[str, types
         modules["initialize"].validate_args = validate_args
         modules["initialize"].parse_args = parse_args
         modules["utils"].get_batch_on_this_cp_rank = core_utils.get_batch_on_this_cp_rank
+        modules["utils"].get_batch_on_this_tp_rank = lambda data_iterator: {}  # 0.19: core's
     return {f"megatron.training.{name}": module for name, module in modules.items()}
 
 
@@ -99,6 +111,7 @@ def _megatron_lm_training(tag: str, args: argparse.Namespace) -> dict[str, types
 def test_install_hooks_every_place_each_tag_looks(monkeypatch, tag):
     from megatron.core import utils as core_utils
     from megatron.core.models.gpt import gpt_model
+    from megatron.core.pipeline_parallel import schedules
 
     from usp_megatron.megatron.megatron_lm import install
 
@@ -107,7 +120,12 @@ def test_install_hooks_every_place_each_tag_looks(monkeypatch, tag):
     for name, module in training.items():
         monkeypatch.setitem(sys.modules, name, module)
     replaced = [(LocalSpecProvider, "core_attention"), (core_utils, "get_batch_on_this_cp_rank"),
-                (gpt_model, "RotaryEmbedding")]  # fmt: skip
+                (gpt_model, "RotaryEmbedding"), (schedules, "forward_step_calc_loss"),
+                (sys, "excepthook")]  # fmt: skip
+    if tag == "core_v0.19.0":  # 0.19's script imports the TP-rank batch getter from core
+        monkeypatch.setattr(core_utils, "get_batch_on_this_tp_rank", lambda batch: batch,
+                            raising=False)  # fmt: skip
+        replaced.append((core_utils, "get_batch_on_this_tp_rank"))
     if hasattr(core_utils, "get_thd_batch_on_this_cp_rank"):
         replaced.append((core_utils, "get_thd_batch_on_this_cp_rank"))
     try:
@@ -123,10 +141,11 @@ def test_install_hooks_every_place_each_tag_looks(monkeypatch, tag):
     hooked = [getattr(owner, name) for owner, name in replaced] + [
         getattr(module, name)
         for module in training.values()
-        for name in ("validate_args", "parse_args", "get_batch_on_this_cp_rank")
+        for name in ("validate_args", "parse_args", "get_batch_on_this_cp_rank",
+                     "get_batch_on_this_tp_rank")
         if hasattr(module, name)
-    ]
-    assert len(hooked) == len(replaced) + (5 if tag == "core_v0.16.1" else 2)
+    ]  # fmt: skip
+    assert len(hooked) == len(replaced) + (6 if tag == "core_v0.16.1" else 2)
     assert all(getattr(fn, "_usp_megatron_hook", False) for fn in hooked)
     parsed = training["megatron.training.arguments"].parse_args(None)
     assert parsed.usp_ulysses_degree == 1  # the flags reach 0.19's parse_and_validate_args

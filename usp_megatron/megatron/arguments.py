@@ -26,6 +26,8 @@ from usp_megatron.megatron.validation import (
     check_attention_options,
     check_context_parallel,
     check_cp_comm_type,
+    check_cp_comm_type_layers,
+    check_document_masking,
     check_heads,
     check_position_embedding,
     heads_per_tp_rank,
@@ -87,6 +89,12 @@ def _apply_cp_comm_type(args: argparse.Namespace, enabled: bool) -> None:
                 f"communicates as {wanted!r} with these degrees; drop --cp-comm-type (USP sets "
                 f"it) or pass --cp-comm-type {wanted}"
             ) from None
+    check_cp_comm_type_layers(typed, getattr(args, "num_layers", None))
+    if len(typed) > 1:
+        # One value per layer that all agree: every USP layer communicates as the degrees
+        # say, so one value for all (megatron-core 0.16 indexes a per-layer list from 1 and
+        # runs past its end at the last layer).
+        args.cp_comm_type = [usp_cp_comm_type(u, r)]
 
 
 def _ulysses_degree(value: str) -> int | str:
@@ -316,9 +324,9 @@ def validate_usp_args(args: argparse.Namespace) -> argparse.Namespace:
         window_size=getattr(args, "window_size", None),
     )
     check_position_embedding(getattr(args, "position_embedding_type", "rope"), layout)
+    _check_document_masking(args, layout)
     refused = {
         "use_legacy_models": "--use-legacy-models (USP is a megatron-core module)",
-        "reset_attention_mask": "--reset-attention-mask (document masks are not causal masks)",
         "hybrid_context_parallel": "--hybrid-context-parallel (its own context parallelism)",
         "experimental_attention_variant": "--experimental-attention-variant (own attention)",
         "heterogeneous_layers_config_path": "--heterogeneous-layers-config-path (its specs "
@@ -328,3 +336,33 @@ def validate_usp_args(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, name, None):
             raise ValueError(f"USP does not compose with {flag}; drop it or drop --usp-* flags")
     return args
+
+
+def document_masking(args: argparse.Namespace) -> bool:
+    """Whether the batches carry ``--reset-attention-mask``'s document mask: only with the
+    mask made in the data loader (Megatron-LM ignores the flag otherwise, one rank too)."""
+    return bool(
+        getattr(args, "reset_attention_mask", False)
+        and getattr(args, "create_attention_mask_in_dataloader", False)
+    )
+
+
+def _check_document_masking(args: argparse.Namespace, layout: SequenceLayout) -> None:
+    """Document masking under USP runs as packed documents (``document_mask``): refuse what
+    those cannot run; say once when the flag has no effect, as in Megatron-LM itself."""
+    if document_masking(args):
+        check_document_masking(
+            layout,
+            getattr(args, "window_size", None),
+            heads_per_tp_rank(args.num_attention_heads, args.tensor_model_parallel_size),
+            args.usp_ulysses_degree,
+            getattr(args, "pipeline_model_parallel_size", 1),
+        )
+    elif getattr(args, "reset_attention_mask", False):
+        _log(
+            args,
+            "USP: --reset-attention-mask has no effect without the data loader's attention "
+            "mask (--no-create-attention-mask-in-dataloader): Megatron-LM ignores it then, on "
+            "one rank too, and attention is causal over the whole sequence; drop "
+            "--no-create-attention-mask-in-dataloader to keep attention inside documents",
+        )
