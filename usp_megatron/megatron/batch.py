@@ -65,9 +65,9 @@ def check_same_documents(
     fingerprint = torch.tensor(
         [len(mine[0]), hash(mine[0]), hash(mine[1])], dtype=torch.int64, device=device
     )
-    everyone = torch.empty(groups.cp_size, 3, dtype=torch.int64, device=device)
+    everyone = torch.empty(groups.cp_size * 3, dtype=torch.int64, device=device)
     dist.all_gather_into_tensor(everyone, fingerprint, group=groups.cp_group)
-    if bool((everyone == fingerprint).all()):
+    if bool((everyone.view(-1, 3) == fingerprint).all()):
         return
     boundaries: list = [None] * groups.cp_size
     dist.all_gather_object(boundaries, mine, group=groups.cp_group)
