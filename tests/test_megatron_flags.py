@@ -136,7 +136,6 @@ def test_unknown_ring_impl_is_an_argparse_error():
 
 
 U4R2 = ("--usp-ulysses-degree", "4", "--usp-ring-degree", "2")
-DOCUMENTS = dict(reset_attention_mask=True, create_attention_mask_in_dataloader=True)
 
 
 @pytest.mark.parametrize(
@@ -154,11 +153,6 @@ DOCUMENTS = dict(reset_attention_mask=True, create_attention_mask_in_dataloader=
         (U4R2, dict(window_size=(128, -3)), "window_size must be"),
         (U4R2 + ("--usp-ring-impl", "basic"), dict(position_embedding_type="yarn"), "'yarn'"),
         (U4R2, dict(use_legacy_models=True), "--use-legacy-models"),
-        # Document masking (with the data loader's mask) runs as packed documents.
-        (U4R2 + ("--usp-ring-impl", "stripe"), DOCUMENTS, "needs --usp-ring-impl zigzag"),
-        (U4R2, DOCUMENTS | dict(window_size=(64, 0)), "--window-size 64 0 with --reset-att"),
-        (U4R2, DOCUMENTS | dict(num_attention_heads=6), "over --usp-ulysses-degree 4"),
-        (U4R2, DOCUMENTS | dict(pipeline_model_parallel_size=2), "--pipeline-model-parallel"),
         (U4R2, dict(experimental_attention_variant="dsa"), "--experimental-attention-variant"),
     ],
 )
@@ -167,24 +161,6 @@ def test_combinations_usp_cannot_run_are_refused(flags, megatron_args, message):
     with pytest.raises(ValueError) as error:
         validate_usp_args(apply_usp_args(args))
     assert message in str(error.value)
-
-
-def test_document_masking_is_accepted_or_said_to_have_no_effect(capsys):
-    """With the data loader's mask, --reset-attention-mask runs (as packed documents);
-    without it Megatron-LM ignores the flag, and rank 0 says so once."""
-    validate_usp_args(apply_usp_args(parse(*U4R2, **DOCUMENTS)))
-    assert capsys.readouterr().out == ""
-    said = {}
-    for rank in (0, 1):
-        args = parse(*U4R2, reset_attention_mask=True, create_attention_mask_in_dataloader=False,
-                     rank=rank)  # fmt: skip
-        validate_usp_args(apply_usp_args(args))
-        said[rank] = capsys.readouterr().out.splitlines()
-    assert said[1] == [] and len(said[0]) == 1, said
-    assert said[0][0].startswith(
-        "USP: --reset-attention-mask has no effect without the data loader's attention mask "
-        "(--no-create-attention-mask-in-dataloader)"
-    )
 
 
 def test_heads_that_ulysses_does_not_divide_are_accepted_and_described():

@@ -53,6 +53,48 @@ def test_validate_args_hook_applies_before_and_checks_after():
     )
 
 
+U4R2 = ("--usp-ulysses-degree", "4", "--usp-ring-degree", "2")
+DOCUMENTS = dict(reset_attention_mask=True, create_attention_mask_in_dataloader=True)
+
+
+@pytest.mark.parametrize(
+    "flags, megatron_args, message",
+    [
+        (U4R2 + ("--usp-ring-impl", "stripe"), DOCUMENTS, "--reset-attention-mask needs "
+         "--usp-ring-impl zigzag, got stripe: the context-parallel split of packed documents"),
+        (U4R2, DOCUMENTS | dict(window_size=(64, 0)), "--window-size 64 0 with "
+         "--reset-attention-mask is not supported"),
+        (U4R2, DOCUMENTS | dict(num_attention_heads=6), "--reset-attention-mask needs the 6 "
+         "query heads of a tensor-parallel rank to split evenly over --usp-ulysses-degree 4"),
+        (U4R2, DOCUMENTS | dict(pipeline_model_parallel_size=2), "--reset-attention-mask with "
+         "--pipeline-model-parallel-size 2 is not supported under USP"),
+    ],
+)  # fmt: skip
+def test_document_masking_refuses_what_packed_documents_cannot_run(flags, megatron_args, message):
+    hooked = wrap_validate_args(lambda args: args)
+    with pytest.raises(USPArgumentError) as error:
+        hooked(parse(*flags, **megatron_args))
+    assert str(error.value).startswith(message)
+
+
+def test_document_masking_is_accepted_or_said_to_have_no_effect(capsys):
+    """With the data loader's mask, --reset-attention-mask runs (as packed documents);
+    without it Megatron-LM ignores the flag, and rank 0 says so once."""
+    hooked = wrap_validate_args(lambda args: args)
+    hooked(parse(*U4R2, **DOCUMENTS))
+    assert capsys.readouterr().out == ""
+    said = {}
+    for rank in (0, 1):
+        hooked(parse(*U4R2, reset_attention_mask=True, create_attention_mask_in_dataloader=False,
+                     rank=rank))  # fmt: skip
+        said[rank] = capsys.readouterr().out.splitlines()
+    assert said[1] == [] and len(said[0]) == 1, said
+    assert said[0][0].startswith(
+        "USP: --reset-attention-mask has no effect without the data loader's attention mask "
+        "(--no-create-attention-mask-in-dataloader)"
+    )
+
+
 def test_flags_hook_chains_extra_args_providers_once():
     calls = []
 

@@ -48,6 +48,9 @@ REFUSED = [
      "8 query heads of a tensor-parallel rank to split evenly over --usp-ulysses-degree 3"),
     ([*PACKED, "--pack-pad-multiple", "4"], 4, "--pack-pad-multiple 4: the context-parallel"),
     ([*PACKED, "--pack-pad-multiple", "12"], 4, "use --pack-pad-multiple 16, or leave it out"),
+    # Megatron-LM's document flag packs too, and is named.
+    (["--reset-attention-mask", *U2R2, "--usp-ring-impl", "basic"], 4,
+     "--reset-attention-mask needs --usp-ring-impl zigzag"),
 ]  # fmt: skip
 
 

@@ -239,7 +239,8 @@ def _check_packed_documents(args: argparse.Namespace) -> None:
     heads = args.num_attention_heads // args.tensor_model_parallel_size
     u = args.usp_ulysses_degree if usp_enabled(args) else 1
     try:
-        check_packed_documents(usp_layout(args), args.window_size, heads, u, "--pack-documents")
+        what = "--reset-attention-mask" if args.reset_attention_mask else "--pack-documents"
+        check_packed_documents(usp_layout(args), args.window_size, heads, u, what)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     multiple = args.pack_pad_multiple

@@ -27,7 +27,6 @@ from usp_megatron.megatron.validation import (
     check_context_parallel,
     check_cp_comm_type,
     check_cp_comm_type_layers,
-    check_document_masking,
     check_heads,
     check_position_embedding,
     heads_per_tp_rank,
@@ -221,7 +220,7 @@ def _choose_auto(args: argparse.Namespace) -> None:
                 "give --usp-ulysses-degree explicitly"
             )
         args.usp_ulysses_degree, args.usp_ring_degree = 1, 1
-        _log(args, "USP: --usp-ulysses-degree auto with context-parallel size 1: USP is off")
+        log_rank_0(args, "USP: --usp-ulysses-degree auto with context-parallel size 1: USP is off")
         return
     tp = getattr(args, "tensor_model_parallel_size", 1)
     heads = heads_per_tp_rank(args.num_attention_heads, tp)
@@ -251,7 +250,7 @@ def _choose_auto(args: argparse.Namespace) -> None:
     fastest = min(cost.total_s for cost in costs)
     ranked = ", ".join(f"U{c.ulysses}xR{c.ring} {c.total_s / fastest:.2f}" for c in costs)
     basis = f"at {seq_len} tokens" if seq_len else "without a sequence length (head balance only)"
-    _log(
+    log_rank_0(
         args,
         f"USP: --usp-ulysses-degree auto chose U{chosen.ulysses} x R{chosen.ring} for "
         f"context-parallel size {cp}. Candidates ({why}), modelled time vs the fastest "
@@ -261,7 +260,8 @@ def _choose_auto(args: argparse.Namespace) -> None:
     args.usp_ulysses_degree, args.usp_ring_degree = chosen.ulysses, chosen.ring
 
 
-def _log(args: argparse.Namespace, line: str) -> None:
+def log_rank_0(args: argparse.Namespace, line: str) -> None:
+    """Print ``line`` on rank 0 (Megatron-LM's ``args.rank``, else ``RANK``) only."""
     rank = getattr(args, "rank", None)
     if (rank if rank is not None else int(os.environ.get("RANK", "0"))) == 0:
         print(line, flush=True)
@@ -324,7 +324,6 @@ def validate_usp_args(args: argparse.Namespace) -> argparse.Namespace:
         window_size=getattr(args, "window_size", None),
     )
     check_position_embedding(getattr(args, "position_embedding_type", "rope"), layout)
-    _check_document_masking(args, layout)
     refused = {
         "use_legacy_models": "--use-legacy-models (USP is a megatron-core module)",
         "hybrid_context_parallel": "--hybrid-context-parallel (its own context parallelism)",
@@ -336,33 +335,3 @@ def validate_usp_args(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, name, None):
             raise ValueError(f"USP does not compose with {flag}; drop it or drop --usp-* flags")
     return args
-
-
-def document_masking(args: argparse.Namespace) -> bool:
-    """Whether the batches carry ``--reset-attention-mask``'s document mask: only with the
-    mask made in the data loader (Megatron-LM ignores the flag otherwise, one rank too)."""
-    return bool(
-        getattr(args, "reset_attention_mask", False)
-        and getattr(args, "create_attention_mask_in_dataloader", False)
-    )
-
-
-def _check_document_masking(args: argparse.Namespace, layout: SequenceLayout) -> None:
-    """Document masking under USP runs as packed documents (``document_mask``): refuse what
-    those cannot run; say once when the flag has no effect, as in Megatron-LM itself."""
-    if document_masking(args):
-        check_document_masking(
-            layout,
-            getattr(args, "window_size", None),
-            heads_per_tp_rank(args.num_attention_heads, args.tensor_model_parallel_size),
-            args.usp_ulysses_degree,
-            getattr(args, "pipeline_model_parallel_size", 1),
-        )
-    elif getattr(args, "reset_attention_mask", False):
-        _log(
-            args,
-            "USP: --reset-attention-mask has no effect without the data loader's attention "
-            "mask (--no-create-attention-mask-in-dataloader): Megatron-LM ignores it then, on "
-            "one rank too, and attention is causal over the whole sequence; drop "
-            "--no-create-attention-mask-in-dataloader to keep attention inside documents",
-        )

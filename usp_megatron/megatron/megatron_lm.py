@@ -45,7 +45,7 @@ from megatron.core import parallel_state
 from usp_megatron.megatron.arguments import (
     add_usp_args,
     apply_usp_args,
-    document_masking,
+    log_rank_0,
     usp_enabled,
     usp_layout,
     validate_usp_args,
@@ -60,8 +60,10 @@ from usp_megatron.megatron.rope import USPRotaryEmbedding
 from usp_megatron.megatron.specs import usp_core_attention
 from usp_megatron.megatron.validation import (
     USPRefusal,
+    check_document_masking,
     check_megatron_lm_seq_length,
     exit_refused,
+    heads_per_tp_rank,
 )
 
 _MARK = "_usp_megatron_hook"
@@ -96,6 +98,38 @@ def _check_seq_length(args: argparse.Namespace) -> None:
         check_megatron_lm_seq_length(args.seq_length, args.usp_ulysses_degree, args.usp_ring_degree)
 
 
+def document_masking(args: argparse.Namespace) -> bool:
+    """Whether the batches carry ``--reset-attention-mask``'s document mask: only with the
+    mask made in the data loader (Megatron-LM ignores the flag otherwise, one rank too)."""
+    return bool(
+        getattr(args, "reset_attention_mask", False)
+        and getattr(args, "create_attention_mask_in_dataloader", False)
+    )
+
+
+def _check_document_masking(args: argparse.Namespace) -> None:
+    """Document masking under USP runs as packed documents (``document_mask``): refuse what
+    those cannot run; say once when the flag has no effect, as in Megatron-LM itself."""
+    if not usp_enabled(args):
+        return
+    if document_masking(args):
+        check_document_masking(
+            usp_layout(args),
+            getattr(args, "window_size", None),
+            heads_per_tp_rank(args.num_attention_heads, args.tensor_model_parallel_size),
+            args.usp_ulysses_degree,
+            getattr(args, "pipeline_model_parallel_size", 1),
+        )
+    elif getattr(args, "reset_attention_mask", False):
+        log_rank_0(
+            args,
+            "USP: --reset-attention-mask has no effect without the data loader's attention "
+            "mask (--no-create-attention-mask-in-dataloader): Megatron-LM ignores it then, on "
+            "one rank too, and attention is causal over the whole sequence; drop "
+            "--no-create-attention-mask-in-dataloader to keep attention inside documents",
+        )
+
+
 def with_usp_args(extra_args_provider: Callable | None = None) -> Callable:
     """An ``extra_args_provider`` that adds the ``--usp-*`` flags, then the given one's."""
     if extra_args_provider is not None and _hooked(extra_args_provider):
@@ -119,6 +153,7 @@ def wrap_validate_args(validate_args: Callable) -> Callable:
         _refuse_as_usp(_check_seq_length, args)
         result = validate_args(args, *rest, **kwargs)
         _refuse_as_usp(validate_usp_args, args)
+        _refuse_as_usp(_check_document_masking, args)
         return result
 
     return _mark(hooked)
