@@ -47,6 +47,13 @@ def test_uneven_loss_masks_are_weighed_by_the_groups_tokens(results):
         assert unweighed["reported loss"] <= 1e-6, unweighed
 
 
+def test_per_token_loss_is_left_as_megatron_computes_it(results):
+    """--calculate-per-token-loss: Megatron divides by the tokens of all ranks itself; the
+    hook adds nothing and U2 x R2 is one rank."""
+    for errors in results["schedule U2R2 per-token"]:
+        assert errors["grads"] <= TOL and errors["reported loss"] <= 1e-6, errors
+
+
 def test_documents_that_differ_between_ranks_are_refused_once(results):
     said = results["cu_seqlens mismatch"]
     assert [errors["refused as said"] for errors in said] == [1.0] * WORLD

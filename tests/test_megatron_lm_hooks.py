@@ -5,6 +5,7 @@ that call it (one process)."""
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import types
 from pathlib import Path
@@ -93,6 +94,35 @@ def test_document_masking_is_accepted_or_said_to_have_no_effect(capsys):
         "USP: --reset-attention-mask has no effect without the data loader's attention mask "
         "(--no-create-attention-mask-in-dataloader)"
     )
+
+
+def test_loss_hook_weighs_only_usp_without_per_token_loss(monkeypatch):
+    """The schedule's loss function is wrapped under USP without --calculate-per-token-loss,
+    and handed over as it is otherwise (per-token loss: Megatron's own normalisation)."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel.schedules import forward_step_calc_loss
+
+    from usp_megatron.megatron.megatron_lm import wrap_loss_calculation
+
+    monkeypatch.setattr(parallel_state, "get_context_parallel_group", lambda: "cp group")
+    handed = []
+
+    def calc(*a, **kwargs):  # megatron-core's own signature, recording the loss function
+        handed.append(inspect.signature(forward_step_calc_loss).bind(*a, **kwargs))
+
+    calc.__signature__ = inspect.signature(forward_step_calc_loss)
+
+    def loss_func(output_tensor):
+        return output_tensor
+
+    for u, per_token, wrapped in ((1, False, False), (2, True, False), (2, False, True)):
+        args = parse("--usp-ulysses-degree", str(u))
+        hooked = wrap_loss_calculation(calc, lambda args=args: args)
+        config = types.SimpleNamespace(calculate_per_token_loss=per_token)
+        hooked(None, None, loss_func, config, None, False, 1, [])
+        given = handed[-1].arguments["loss_func"]
+        assert (given is not loss_func) == wrapped, (u, per_token)
+        assert not wrapped or given.__wrapped__ is loss_func
 
 
 def test_flags_hook_chains_extra_args_providers_once():

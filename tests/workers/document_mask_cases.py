@@ -44,7 +44,7 @@ def _init_parallel(cp_sizes: list[int] | None) -> None:
     )
 
 
-def _gpt(spec, positions: str):
+def _gpt(spec, positions: str, per_token_loss: bool = False):
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.parallel_state import get_context_parallel_world_size
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -61,6 +61,7 @@ def _gpt(spec, positions: str):
         attention_dropout=0.0,
         hidden_dropout=0.0,
         use_cpu_initialization=True,
+        calculate_per_token_loss=per_token_loss,
     )
     return GPTModel(
         config=config,
@@ -139,7 +140,8 @@ def _reference(batch: dict, positions: str):
 def _usp_model(reference, positions: str, layout):
     from usp_megatron.megatron import get_gpt_layer_usp_spec
 
-    model = _gpt(get_gpt_layer_usp_spec(layout, backend="reference"), positions)
+    per_token_loss = reference.config.calculate_per_token_loss
+    model = _gpt(get_gpt_layer_usp_spec(layout, backend="reference"), positions, per_token_loss)
     with torch.no_grad():
         for (name, param), (ref_name, ref) in zip(
             model.named_parameters(), reference.named_parameters(), strict=True
@@ -231,7 +233,8 @@ def _usp_step(args, data_iterator, model):
 
 def _weighing_cases(batches: list[dict]) -> dict[str, dict[str, float]]:
     """Without --calculate-per-token-loss: one rank (DP only) against U2 x R2 with the loss
-    hook (gradients equal) and without (each rank's loss over its own tokens: they differ)."""
+    hook (gradients equal) and without (each rank's loss over its own tokens: they differ).
+    With it (Megatron's own normalisation by the tokens of all ranks), the hook stays out."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.pipeline_parallel import schedules
@@ -239,13 +242,15 @@ def _weighing_cases(batches: list[dict]) -> dict[str, dict[str, float]]:
     from usp_megatron.megatron.arguments import usp_layout
     from usp_megatron.megatron.megatron_lm import wrap_loss_calculation
 
-    _init_parallel(None)
-    reference = _gpt(get_gpt_layer_local_spec(), "rope")
-    want_grads, want_report = _train_step(batches, reference, _reference_step)
     args = _usp_args(2, 2)
     plain = schedules.forward_step_calc_loss
     results = {}
-    for name, hooked in (("weighed", True), ("unweighed", False)):
+    cases = (("weighed", True, False), ("unweighed", False, False), ("per-token", True, True))
+    for name, hooked, per_token_loss in cases:
+        if name != "unweighed":  # its reference is the one before
+            _init_parallel(None)
+            reference = _gpt(get_gpt_layer_local_spec(), "rope", per_token_loss)
+            want_grads, want_report = _train_step(batches, reference, _reference_step)
         _init_parallel([2, 2])
         model = _usp_model(reference, "rope", usp_layout(args))
         if hooked:
