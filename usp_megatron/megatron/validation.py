@@ -42,7 +42,9 @@ def exit_refused(message: str, grace_s: float = 30.0, speaks: bool | None = None
     SIGTERM then exits 1 too; the handler is put back afterwards (a caller that catches the
     SystemExit, e.g. a test, keeps its own).
     """
-    if os.environ.get("RANK", "0") == "0" if speaks is None else speaks:
+    if speaks is None:
+        speaks = os.environ.get("RANK", "0") == "0"
+    if speaks:
         print(message, file=sys.stderr, flush=True)
         raise SystemExit(1)
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
