@@ -143,6 +143,9 @@ def test_document_masking_trains_as_one_process(scripts, tmp_path, short_documen
                                     launcher=True, data=masking),
         "patched U1xR4": _pretrain(scripts, tmp_path / "u1r4", 4, "--usp-ring-degree", "4",
                                    data=masking),
+        # Every TP rank packs the batch it was broadcast.
+        "patched TP2xU2": _pretrain(scripts, tmp_path / "tp2u2", 4, "--usp-ulysses-degree",
+                                    "2", "--tensor-model-parallel-size", "2", data=masking),
     }  # fmt: skip
     for name, (history, _) in runs.items():
         _compare(history, one, name)
