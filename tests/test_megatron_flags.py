@@ -153,7 +153,6 @@ U4R2 = ("--usp-ulysses-degree", "4", "--usp-ring-degree", "2")
         (U4R2, dict(window_size=(128, -3)), "window_size must be"),
         (U4R2 + ("--usp-ring-impl", "basic"), dict(position_embedding_type="yarn"), "'yarn'"),
         (U4R2, dict(use_legacy_models=True), "--use-legacy-models"),
-        (U4R2, dict(reset_attention_mask=True), "--reset-attention-mask"),
         (U4R2, dict(experimental_attention_variant="dsa"), "--experimental-attention-variant"),
     ],
 )

@@ -182,8 +182,7 @@ def test_typed_cp_comm_type_that_contradicts_the_degrees_is_refused(tag, typed, 
 
 @pytest.mark.parametrize(
     "typed, degrees",
-    [(["a2a+p2p"], (2, 2)), (["a2a+p2p"], (4, 1)), (["p2p"], (1, 4)), (["a2a"], (4, 1)),
-     (["a2a", "a2a+p2p", "a2a", "a2a+p2p"], (4, 1))],
+    [(["a2a+p2p"], (2, 2)), (["a2a+p2p"], (4, 1)), (["p2p"], (1, 4)), (["a2a"], (4, 1))],
 )  # fmt: skip
 @pytest.mark.parametrize("tag", SUPPORTED_TAGS)
 def test_typed_cp_comm_type_that_agrees_is_kept(tag, typed, degrees):
@@ -193,3 +192,31 @@ def test_typed_cp_comm_type_that_agrees_is_kept(tag, typed, degrees):
     assert validate(args)["cp_comm_type"] == typed
     for value in layer_cp_comm_types(args, tag):
         check_cp_comm_type(value, u, r)
+
+
+@pytest.mark.parametrize(
+    "typed, degrees",
+    [(["a2a+p2p"] * 4, (2, 2)), (["a2a", "a2a+p2p", "a2a", "a2a+p2p"], (4, 1)),
+     (["p2p"] * 4, (1, 4))],
+)  # fmt: skip
+@pytest.mark.parametrize("tag", SUPPORTED_TAGS)
+def test_per_layer_cp_comm_type_that_agrees_becomes_one_value(tag, typed, degrees):
+    """One entry per layer, all agreeing with the degrees: every layer builds with USP's one
+    value (0.16.1 would index the list from 1 and fail at the last layer: IndexError)."""
+    u, r = degrees
+    args = parse(tag, "--usp-ulysses-degree", str(u), "--usp-ring-degree", str(r),
+                 "--cp-comm-type", *typed)  # fmt: skip
+    assert validate(args)["cp_comm_type"] == [USP_COMM[degrees]]
+    assert layer_cp_comm_types(args, tag) == [USP_COMM[degrees]] * MODEL["num_layers"]
+
+
+@pytest.mark.parametrize("tag", SUPPORTED_TAGS)
+def test_cp_comm_type_list_of_another_length_than_the_layers_is_refused(tag):
+    args = parse(tag, "--usp-ulysses-degree", "2", "--usp-ring-degree", "2",
+                 "--cp-comm-type", "a2a+p2p", "a2a+p2p")  # fmt: skip
+    with pytest.raises(USPArgumentError) as error:
+        validate(args)
+    assert str(error.value) == (
+        "--cp-comm-type a2a+p2p a2a+p2p gives 2 values for --num-layers 4: give one per layer "
+        "or one for all (or drop --cp-comm-type: USP sets it)"
+    )

@@ -5,6 +5,7 @@ that call it (one process)."""
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import types
 from pathlib import Path
@@ -17,6 +18,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from usp_megatron.layout import get_layout
 from usp_megatron.megatron.grad_norm import fallback_sites
 from usp_megatron.megatron.megatron_lm import (
+    USPArgumentError,
     with_usp_args,
     wrap_core_attention,
     wrap_parse_args,
@@ -41,6 +43,87 @@ def test_validate_args_hook_applies_before_and_checks_after():
     assert seen == {"cp": 4, "hcp": [2, 2]}
     with pytest.raises(ValueError, match="must be at most the attention heads"):
         hooked(parse("--usp-ulysses-degree", "4", num_attention_heads=2))
+    # Megatron-LM's own check of the length would name --context-parallel-size, which USP
+    # set: refused before it runs, naming the flags the user typed.
+    seen.clear()
+    with pytest.raises(USPArgumentError) as error:
+        hooked(parse("--usp-ulysses-degree", "2", "--usp-ring-degree", "3", seq_length=100))
+    assert seen == {} and str(error.value) == (
+        "--seq-length 100 must be a multiple of 2 x --usp-ulysses-degree 2 x "
+        "--usp-ring-degree 3 = 12 (Megatron-LM cuts every sequence into 2 x U x R chunks): "
+        "e.g. --seq-length 96 or 108"
+    )
+
+
+U4R2 = ("--usp-ulysses-degree", "4", "--usp-ring-degree", "2")
+DOCUMENTS = dict(reset_attention_mask=True, create_attention_mask_in_dataloader=True)
+
+
+@pytest.mark.parametrize(
+    "flags, megatron_args, message",
+    [
+        (U4R2 + ("--usp-ring-impl", "stripe"), DOCUMENTS, "--reset-attention-mask needs "
+         "--usp-ring-impl zigzag, got stripe: the context-parallel split of packed documents"),
+        (U4R2, DOCUMENTS | dict(window_size=(64, 0)), "--window-size 64 0 with "
+         "--reset-attention-mask is not supported"),
+        (U4R2, DOCUMENTS | dict(num_attention_heads=6), "--reset-attention-mask needs the 6 "
+         "query heads of a tensor-parallel rank to split evenly over --usp-ulysses-degree 4"),
+        (U4R2, DOCUMENTS | dict(pipeline_model_parallel_size=2), "--reset-attention-mask with "
+         "--pipeline-model-parallel-size 2 is not supported under USP"),
+    ],
+)  # fmt: skip
+def test_document_masking_refuses_what_packed_documents_cannot_run(flags, megatron_args, message):
+    hooked = wrap_validate_args(lambda args: args)
+    with pytest.raises(USPArgumentError) as error:
+        hooked(parse(*flags, **megatron_args))
+    assert str(error.value).startswith(message)
+
+
+def test_document_masking_is_accepted_or_said_to_have_no_effect(capsys):
+    """With the data loader's mask, --reset-attention-mask runs (as packed documents);
+    without it Megatron-LM ignores the flag, and rank 0 says so once."""
+    hooked = wrap_validate_args(lambda args: args)
+    hooked(parse(*U4R2, **DOCUMENTS))
+    assert capsys.readouterr().out == ""
+    said = {}
+    for rank in (0, 1):
+        hooked(parse(*U4R2, reset_attention_mask=True, create_attention_mask_in_dataloader=False,
+                     rank=rank))  # fmt: skip
+        said[rank] = capsys.readouterr().out.splitlines()
+    assert said[1] == [] and len(said[0]) == 1, said
+    assert said[0][0].startswith(
+        "USP: --reset-attention-mask has no effect without the data loader's attention mask "
+        "(--no-create-attention-mask-in-dataloader)"
+    )
+
+
+def test_loss_hook_weighs_only_usp_without_per_token_loss(monkeypatch):
+    """The schedule's loss function is wrapped under USP without --calculate-per-token-loss,
+    and handed over as it is otherwise (per-token loss: Megatron's own normalisation)."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel.schedules import forward_step_calc_loss
+
+    from usp_megatron.megatron.megatron_lm import wrap_loss_calculation
+
+    monkeypatch.setattr(parallel_state, "get_context_parallel_group", lambda: "cp group")
+    handed = []
+
+    def calc(*a, **kwargs):  # megatron-core's own signature, recording the loss function
+        handed.append(inspect.signature(forward_step_calc_loss).bind(*a, **kwargs))
+
+    calc.__signature__ = inspect.signature(forward_step_calc_loss)
+
+    def loss_func(output_tensor):
+        return output_tensor
+
+    for u, per_token, wrapped in ((1, False, False), (2, True, False), (2, False, True)):
+        args = parse("--usp-ulysses-degree", str(u))
+        hooked = wrap_loss_calculation(calc, lambda args=args: args)
+        config = types.SimpleNamespace(calculate_per_token_loss=per_token)
+        hooked(None, None, loss_func, config, None, False, 1, [])
+        given = handed[-1].arguments["loss_func"]
+        assert (given is not loss_func) == wrapped, (u, per_token)
+        assert not wrapped or given.__wrapped__ is loss_func
 
 
 def test_flags_hook_chains_extra_args_providers_once():
@@ -93,6 +176,7 @@ def _megatron_lm_training(tag: str, args: argparse.Namespace) -> dict[str, types
         modules["initialize"].validate_args = validate_args
         modules["initialize"].parse_args = parse_args
         modules["utils"].get_batch_on_this_cp_rank = core_utils.get_batch_on_this_cp_rank
+        modules["utils"].get_batch_on_this_tp_rank = lambda data_iterator: {}  # 0.19: core's
     return {f"megatron.training.{name}": module for name, module in modules.items()}
 
 
@@ -100,6 +184,7 @@ def _megatron_lm_training(tag: str, args: argparse.Namespace) -> dict[str, types
 def test_install_hooks_every_place_each_tag_looks(monkeypatch, tag):
     from megatron.core import utils as core_utils
     from megatron.core.models.gpt import gpt_model
+    from megatron.core.pipeline_parallel import schedules
 
     from usp_megatron.megatron.megatron_lm import install
 
@@ -108,9 +193,14 @@ def test_install_hooks_every_place_each_tag_looks(monkeypatch, tag):
     for name, module in training.items():
         monkeypatch.setitem(sys.modules, name, module)
     replaced = [(LocalSpecProvider, "core_attention"), (core_utils, "get_batch_on_this_cp_rank"),
-                (gpt_model, "RotaryEmbedding")]  # fmt: skip
+                (gpt_model, "RotaryEmbedding"), (schedules, "forward_step_calc_loss"),
+                (sys, "excepthook")]  # fmt: skip
     # megatron-core's fallback optimizer ops (no TransformerEngine or apex here)
     replaced += [(site.module, site.name) for site in fallback_sites()]
+    if tag == "core_v0.19.0":  # 0.19's script imports the TP-rank batch getter from core
+        monkeypatch.setattr(core_utils, "get_batch_on_this_tp_rank", lambda batch: batch,
+                            raising=False)  # fmt: skip
+        replaced.append((core_utils, "get_batch_on_this_tp_rank"))
     if hasattr(core_utils, "get_thd_batch_on_this_cp_rank"):
         replaced.append((core_utils, "get_thd_batch_on_this_cp_rank"))
     try:
@@ -126,10 +216,11 @@ def test_install_hooks_every_place_each_tag_looks(monkeypatch, tag):
     hooked = [getattr(owner, name) for owner, name in replaced] + [
         getattr(module, name)
         for module in training.values()
-        for name in ("validate_args", "parse_args", "get_batch_on_this_cp_rank")
+        for name in ("validate_args", "parse_args", "get_batch_on_this_cp_rank",
+                     "get_batch_on_this_tp_rank")
         if hasattr(module, name)
-    ]
-    assert len(hooked) == len(replaced) + (5 if tag == "core_v0.16.1" else 2)
+    ]  # fmt: skip
+    assert len(hooked) == len(replaced) + (6 if tag == "core_v0.16.1" else 2)
     assert all(getattr(fn, "_usp_megatron_hook", False) for fn in hooked)
     parsed = training["megatron.training.arguments"].parse_args(None)
     assert parsed.usp_ulysses_degree == 1  # the flags reach 0.19's parse_and_validate_args

@@ -102,6 +102,9 @@ REFUSED = [
     (["--recompute-granularity", "selective", "--recompute-modules", "mlp", "layernorm"], 1,
      "--recompute-modules mlp layernorm: this driver's GPT (megatron-core's local layers) "
      "recomputes only core_attn"),
+    # Megatron-LM's document flag packs too, and is named.
+    (["--reset-attention-mask", *U2R2, "--usp-ring-impl", "basic"], 4,
+     "--reset-attention-mask needs --usp-ring-impl zigzag"),
 ]  # fmt: skip
 
 
@@ -426,7 +429,7 @@ def test_launcher_prints_the_plugins_refusal_once_and_exits_1(tmp_path, monkeypa
         "from usp_megatron.megatron.megatron_lm import wrap_validate_args\n"
         "args = argparse.Namespace(usp_ulysses_degree=3, usp_ring_degree=1,\n"
         "    usp_ring_impl='zigzag', context_parallel_size=1, num_attention_heads=2,\n"
-        "    tensor_model_parallel_size=1, seq_length=1024)\n"
+        "    tensor_model_parallel_size=1, seq_length=1026)\n"
         "wrap_validate_args(lambda args: args)(args)\n"
     )
     monkeypatch.setenv("RANK", "0")

@@ -203,6 +203,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="with --pack-documents: let documents attend to each other (a negative control)",
     )
+    # Megatron-LM's document flags, with their meaning there; --pack-documents is all three.
+    data.add_argument(
+        "--reset-attention-mask",
+        action="store_true",
+        help="attention within documents (Megatron-LM's flag): the documents of each sample "
+        "are packed, as --pack-documents packs them, with the position ids and loss mask the "
+        "two flags below decide",
+    )
+    data.add_argument(
+        "--reset-position-ids",
+        action="store_true",
+        help="position ids restart at 0 after every end-of-document token (Megatron-LM's flag)",
+    )
+    data.add_argument(
+        "--eod-mask-loss",
+        action="store_true",
+        help="no loss on end-of-document tokens (Megatron-LM's flag)",
+    )
 
     ckpt = parser.add_argument_group("checkpointing")
     ckpt.add_argument("--save", default=None, help="directory to save checkpoints in")
@@ -223,4 +241,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.hierarchical_context_parallel_sizes = None  # set from the --usp-* degrees
     if args.num_query_groups is None:
         args.num_query_groups = args.num_attention_heads
+    # Megatron-LM's --reset-attention-mask keeps attention inside documents: packed here
+    # (preflight.py checks the packing flags and names the one typed).
+    args.pack_documents = args.pack_documents or args.reset_attention_mask
     return args

@@ -8,6 +8,11 @@ the parallel layout, which is what lets loss parity compare layouts step by step
 each padded to a multiple of ``--pack-pad-multiple`` (default ``2 * C``, what the THD
 layout needs), and carries ``cu_seqlens``, ``cu_seqlens_padded`` and ``max_seqlen``: the
 packed (THD) batch Megatron's SFT datasets give, with batch size 1.
+
+Megatron-LM's ``--reset-position-ids`` and ``--eod-mask-loss`` go to the GPTDataset, which
+makes the position ids and loss mask as in Megatron-LM; ``--reset-attention-mask`` packs
+the documents as ``--pack-documents`` does but keeps those (``--pack-documents`` alone is
+the three flags together).
 """
 
 from __future__ import annotations
@@ -52,9 +57,9 @@ def build_dataset(args: argparse.Namespace, num_samples: int) -> GPTDataset:
         split="100,0,0",
         path_to_cache=args.data_cache_path,
         tokenizer=tokenizer_for(args),
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=False,  # documents are packed (pack_documents), not masked
+        eod_mask_loss=args.eod_mask_loss,
         create_attention_mask=False,
         mid_level_dataset_surplus=0.005,
     )
@@ -69,13 +74,19 @@ def build_dataset(args: argparse.Namespace, num_samples: int) -> GPTDataset:
 
 
 def pack_documents(
-    sample: dict[str, torch.Tensor], eod: int, multiple: int, per_sample: int | None = None
+    sample: dict[str, torch.Tensor],
+    eod: int,
+    multiple: int,
+    per_sample: int | None = None,
+    sample_masks: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One GPTDataset sample as packed documents (THD): cut after every end-of-document
     token (or, with ``per_sample``, into that many equal documents), each document padded
     to a multiple of ``multiple``. Padding has loss mask 0, and so has a document's
     end-of-document token, whose label is the next document's first token (which document
-    masking makes unpredictable). Position ids count per document."""
+    masking makes unpredictable). Position ids count per document. ``sample_masks``: the
+    sample's own position ids and loss mask instead (Megatron-LM's ``--reset-attention-mask``,
+    the other two flags deciding them in the dataset); padding gets position 0."""
     tokens = sample["tokens"]
     if per_sample is None:
         ends = (tokens == eod).nonzero().flatten().add(1).tolist()
@@ -88,12 +99,15 @@ def pack_documents(
         length = stop - start
         pad = -length % multiple
         loss_mask = sample["loss_mask"][start:stop].clone()
-        if tokens[stop - 1] == eod:
+        if tokens[stop - 1] == eod and not sample_masks:
             loss_mask[-1] = 0.0
         pieces["tokens"] += [tokens[start:stop], torch.full((pad,), eod, dtype=tokens.dtype)]
         pieces["labels"] += [sample["labels"][start:stop], torch.zeros(pad, dtype=tokens.dtype)]
         pieces["loss_mask"] += [loss_mask, torch.zeros(pad, dtype=loss_mask.dtype)]
-        positions.append(torch.arange(length + pad))
+        if sample_masks:
+            positions += [sample["position_ids"][start:stop], torch.zeros(pad, dtype=torch.long)]
+        else:
+            positions.append(torch.arange(length + pad))
         real.append(length)
         padded.append(length + pad)
     packed = {key: torch.cat(value) for key, value in pieces.items()}

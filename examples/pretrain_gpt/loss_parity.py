@@ -37,6 +37,7 @@ from usp_megatron.testing import run_distributed
 DEFAULT_CONFIGS = (
     "U4R1-zigzag,U2R2-basic,U2R2-zigzag,U2R2-stripe,U1R4-zigzag,U1R4-stripe,TP2-U2R1-zigzag"
 )
+MEGATRON_DOCUMENTS = ["--reset-attention-mask", "--reset-position-ids", "--eod-mask-loss"]
 MODELS = {
     "mha": [],
     "gqa": ["--num-query-groups", "2"],
@@ -46,6 +47,9 @@ MODELS = {
     # same samples for every layout); and the negative control: documents that see each other.
     "packed": ["--pack-documents", "--pack-pad-multiple", "8"],
     "packed-nomask": ["--pack-documents", "--pack-pad-multiple", "8", "--no-document-mask"],
+    # Megatron-LM's document flags: the same packing, position ids and loss mask as "packed",
+    # made by the dataset.
+    "megatron-docs": [*MEGATRON_DOCUMENTS, "--pack-pad-multiple", "8"],
 }
 #: Models checked on fewer layouts (one per U x R) to keep the default run CI-sized, and
 #: whose DP baseline runs USP's attention at context-parallel size 1 (Megatron's own
@@ -56,6 +60,7 @@ SHORT_MODELS = {
     "swa-alt": "U2R2-zigzag",
     "packed": "U4R1-zigzag,U2R2-zigzag,U1R4-zigzag",
     "packed-nomask": "U2R2-zigzag",
+    "megatron-docs": "U2R2-zigzag",
 }
 # Small enough for CI on 2 cores (the driver's own defaults are the CPU demo). SGD, because
 # Adam's first steps move every weight by about +-lr whatever its gradient's size, so a

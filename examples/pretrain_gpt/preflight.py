@@ -398,16 +398,17 @@ def _check_packed_documents(args: argparse.Namespace) -> None:
                 f"--pack-documents, or drop {'it' if one else 'them'}"
             )
         return
+    what = "--reset-attention-mask" if args.reset_attention_mask else "--pack-documents"
     if args.micro_batch_size != 1:
         raise ConfigError(
-            f"--pack-documents packs each sample into one THD sequence: it needs "
-            f"--micro-batch-size 1, got {args.micro_batch_size}"
+            f"{what} packs each sample into one THD sequence: it needs --micro-batch-size 1, "
+            f"got {args.micro_batch_size}"
         )
     if args.megatron_attention:
         raise ConfigError(
-            "--megatron-attention with --pack-documents: Megatron's DotProductAttention takes "
-            "no packed sequences (megatron-core asks for TransformerEngine's); drop "
-            "--megatron-attention (USP's attention takes them at any context-parallel size)"
+            f"--megatron-attention with {what}: Megatron's DotProductAttention takes no packed "
+            "sequences (megatron-core asks for TransformerEngine's); drop --megatron-attention "
+            "(USP's attention takes them at any context-parallel size)"
         )
     per_sample = args.pack_documents_per_sample
     if per_sample is not None and per_sample > args.seq_length:
@@ -419,7 +420,7 @@ def _check_packed_documents(args: argparse.Namespace) -> None:
     heads = args.num_attention_heads // args.tensor_model_parallel_size
     u = args.usp_ulysses_degree if usp_enabled(args) else 1
     try:
-        check_packed_documents(usp_layout(args), args.window_size, heads, u, "--pack-documents")
+        check_packed_documents(usp_layout(args), args.window_size, heads, u, what)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     multiple = args.pack_pad_multiple

@@ -250,7 +250,7 @@ def train(args: argparse.Namespace) -> list[dict]:
         multiple = args.pack_pad_multiple or 2 * args.context_parallel_size
         pack = partial(
             pack_documents, eod=tokenizer_for(args).eod, multiple=multiple,
-            per_sample=args.pack_documents_per_sample,
+            per_sample=args.pack_documents_per_sample, sample_masks=args.reset_attention_mask,
         )  # fmt: skip
     data = micro_batches(
         dataset,

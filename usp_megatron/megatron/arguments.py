@@ -26,6 +26,7 @@ from usp_megatron.megatron.validation import (
     check_attention_options,
     check_context_parallel,
     check_cp_comm_type,
+    check_cp_comm_type_layers,
     check_heads,
     check_position_embedding,
     heads_per_tp_rank,
@@ -87,6 +88,12 @@ def _apply_cp_comm_type(args: argparse.Namespace, enabled: bool) -> None:
                 f"communicates as {wanted!r} with these degrees; drop --cp-comm-type (USP sets "
                 f"it) or pass --cp-comm-type {wanted}"
             ) from None
+    check_cp_comm_type_layers(typed, getattr(args, "num_layers", None))
+    if len(typed) > 1:
+        # One value per layer that all agree: every USP layer communicates as the degrees
+        # say, so one value for all (megatron-core 0.16 indexes a per-layer list from 1 and
+        # runs past its end at the last layer).
+        args.cp_comm_type = [usp_cp_comm_type(u, r)]
 
 
 def _ulysses_degree(value: str) -> int | str:
@@ -223,7 +230,7 @@ def _choose_auto(args: argparse.Namespace) -> None:
                 "give --usp-ulysses-degree explicitly"
             )
         args.usp_ulysses_degree, args.usp_ring_degree = 1, 1
-        _log(args, "USP: --usp-ulysses-degree auto with context-parallel size 1: USP is off")
+        log_rank_0(args, "USP: --usp-ulysses-degree auto with context-parallel size 1: USP is off")
         return
     tp = getattr(args, "tensor_model_parallel_size", 1)
     heads = heads_per_tp_rank(args.num_attention_heads, tp)
@@ -253,7 +260,7 @@ def _choose_auto(args: argparse.Namespace) -> None:
     fastest = min(cost.total_s for cost in costs)
     ranked = ", ".join(f"U{c.ulysses}xR{c.ring} {c.total_s / fastest:.2f}" for c in costs)
     basis = f"at {seq_len} tokens" if seq_len else "without a sequence length (head balance only)"
-    _log(
+    log_rank_0(
         args,
         f"USP: --usp-ulysses-degree auto chose U{chosen.ulysses} x R{chosen.ring} for "
         f"context-parallel size {cp}. Candidates ({why}), modelled time vs the fastest "
@@ -263,7 +270,8 @@ def _choose_auto(args: argparse.Namespace) -> None:
     args.usp_ulysses_degree, args.usp_ring_degree = chosen.ulysses, chosen.ring
 
 
-def _log(args: argparse.Namespace, line: str) -> None:
+def log_rank_0(args: argparse.Namespace, line: str) -> None:
+    """Print ``line`` on rank 0 (Megatron-LM's ``args.rank``, else ``RANK``) only."""
     rank = getattr(args, "rank", None)
     if (rank if rank is not None else int(os.environ.get("RANK", "0"))) == 0:
         print(line, flush=True)
@@ -328,7 +336,6 @@ def validate_usp_args(args: argparse.Namespace) -> argparse.Namespace:
     check_position_embedding(getattr(args, "position_embedding_type", "rope"), layout)
     refused = {
         "use_legacy_models": "--use-legacy-models (USP is a megatron-core module)",
-        "reset_attention_mask": "--reset-attention-mask (document masks are not causal masks)",
         "hybrid_context_parallel": "--hybrid-context-parallel (its own context parallelism)",
         "experimental_attention_variant": "--experimental-attention-variant (own attention)",
         "heterogeneous_layers_config_path": "--heterogeneous-layers-config-path (its specs "

@@ -9,6 +9,10 @@ Packed documents (THD, a batch carrying ``cu_seqlens``, ``cu_seqlens_padded`` an
 indices (TransformerEngine's ``thd_get_partitioned_indices``) but without
 TransformerEngine: the layout's ``PackedZigzagLayout`` positions.
 
+Every rank of a context-parallel group must split the same documents: the THD split, which
+reads the boundaries on the host once per batch anyway, compares them across the group
+(one small all-gather) and refuses a mismatch, naming both.
+
 Megatron-LM ``core_v0.19.0`` also hands over the entries of its hybrid context parallelism
 (``local_cp_size``, ``hybrid_cp_group``): None is kept, anything else refused.
 """
@@ -18,13 +22,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from usp_megatron.checks import renamed_keyword
 from usp_megatron.groups import USPGroups
-from usp_megatron.layout import LayoutArg, resolve_layout
+from usp_megatron.layout import LayoutArg, PackedZigzagLayout, resolve_layout
 from usp_megatron.megatron.packed_batch import attach_packed_batch
 from usp_megatron.megatron.process_groups import usp_groups_from_megatron
+from usp_megatron.megatron.validation import USPRefusal
 from usp_megatron.sharding import shard_sequence
 
 #: Megatron-LM's own hybrid context parallelism, which does not compose with USP.
@@ -45,6 +52,37 @@ def _one_dim(name: str, value: torch.Tensor) -> torch.Tensor:
             f"{tuple(value.shape)}"
         )
     return value
+
+
+def check_same_documents(
+    layout: PackedZigzagLayout, groups: USPGroups, device: torch.device
+) -> None:
+    """Refuse documents that differ between the ranks of one context-parallel group (each
+    would attend its own idea of the sequence, silently): one all-gather of a fingerprint
+    of the boundaries; only on a mismatch, which every rank of the group then sees, the
+    boundaries themselves, to name both. Spoken by the group's first rank (of TP rank 0)."""
+    mine = (layout.cu_seqlens_padded, layout.cu_seqlens)
+    fingerprint = torch.tensor(
+        [len(mine[0]), hash(mine[0]), hash(mine[1])], dtype=torch.int64, device=device
+    )
+    everyone = torch.empty(groups.cp_size * 3, dtype=torch.int64, device=device)
+    dist.all_gather_into_tensor(everyone, fingerprint, group=groups.cp_group)
+    if bool((everyone.view(-1, 3) == fingerprint).all()):
+        return
+    boundaries: list = [None] * groups.cp_size
+    dist.all_gather_object(boundaries, mine, group=groups.cp_group)
+    other = next(c for c, theirs in enumerate(boundaries) if theirs != boundaries[0])
+    (padded_0, real_0), (padded_c, real_c) = boundaries[0], boundaries[other]
+    first_tp = (
+        not parallel_state.model_parallel_is_initialized()
+        or parallel_state.get_tensor_model_parallel_rank() == 0
+    )
+    raise USPRefusal(
+        f"context-parallel ranks 0 and {other} of one sequence hold different documents: "
+        f"cu_seqlens {list(real_0)} (padded {list(padded_0)}) and {list(real_c)} (padded "
+        f"{list(padded_c)}); every rank of a context-parallel group must get the same batch",
+        speaks=groups.cp_rank == 0 and first_tp,
+    )
 
 
 def get_thd_batch_on_this_usp_rank(
@@ -78,6 +116,8 @@ def get_thd_batch_on_this_usp_rank(
     )
     # The batch's layout, once: every layer's attention and RoPE read it from `padded`.
     packed = attach_packed_batch(padded, cu_seqlens, dense, g)
+    if g.cp_group is not None and g.cp_size > 1:
+        check_same_documents(packed.layout, g, padded.device)
     if max_seqlen is None:
         max_seqlen = packed.layout.longest_padded
     elif isinstance(max_seqlen, torch.Tensor):

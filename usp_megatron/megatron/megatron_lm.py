@@ -15,6 +15,12 @@ running the script). It replaces, each in every place the supported tags look it
   script imports it from, and in ``megatron.training.utils``, where 0.16's did;
 - ``get_thd_batch_on_this_cp_rank`` in ``megatron.core.utils`` (the packed-documents
   split, which ``pretrain_gpt.py`` imports by name and which needs TransformerEngine);
+- ``get_batch_on_this_tp_rank`` (0.16: ``megatron.training.utils``, 0.19:
+  ``megatron.core.utils``): a batch with ``--reset-attention-mask``'s document mask comes
+  back as packed documents (``document_mask``), which the script's own THD path then takes;
+- ``forward_step_calc_loss`` of megatron-core's schedules: without
+  ``--calculate-per-token-loss``, each rank's loss weighed by the loss tokens of its whole
+  context-parallel group (``loss``);
 - the ``RotaryEmbedding`` that ``GPTModel`` builds (the RoPE slice of stripe and basic);
 - megatron-core's fallback multi-tensor ops of the optimizer step (gradient norm, clipping,
   main-weight copy), only where it found neither TransformerEngine nor apex: the fused
@@ -22,7 +28,9 @@ running the script). It replaces, each in every place the supported tags look it
 
 Every hook reads the flags from Megatron-LM's own ``get_args()`` when it runs, and is a
 no-op unless ``--usp-ulysses-degree`` or ``--usp-ring-degree`` is above 1; the optimizer
-ops alone are on whatever the degrees, unless ``--usp-no-foreach-grad-norm``.
+ops alone are on whatever the degrees, unless ``--usp-no-foreach-grad-norm``. ``install``
+also sets an excepthook that prints the plugin's refusals (:class:`USPRefusal`) as one line
+from one rank, every rank exiting 1, instead of a traceback per rank.
 """
 
 from __future__ import annotations
@@ -30,12 +38,18 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import inspect
+import sys
 from collections.abc import Callable
+from types import TracebackType
 from typing import Any
+
+from megatron.core import parallel_state
 
 from usp_megatron.megatron.arguments import (
     add_usp_args,
     apply_usp_args,
+    log_rank_0,
     usp_enabled,
     usp_layout,
     validate_usp_args,
@@ -44,9 +58,18 @@ from usp_megatron.megatron.batch import (
     get_batch_on_this_usp_rank,
     get_thd_batch_on_this_usp_rank,
 )
+from usp_megatron.megatron.document_mask import pack_masked_documents
 from usp_megatron.megatron.grad_norm import FallbackSite, fallback_sites
+from usp_megatron.megatron.loss import balance_over_context_parallel
 from usp_megatron.megatron.rope import USPRotaryEmbedding
 from usp_megatron.megatron.specs import usp_core_attention
+from usp_megatron.megatron.validation import (
+    USPRefusal,
+    check_document_masking,
+    check_megatron_lm_seq_length,
+    exit_refused,
+    heads_per_tp_rank,
+)
 
 _MARK = "_usp_megatron_hook"
 
@@ -60,9 +83,10 @@ def _hooked(fn: Any) -> bool:
     return getattr(fn, _MARK, False)
 
 
-class USPArgumentError(ValueError):
+class USPArgumentError(USPRefusal):
     """The plugin refused the ``--usp-*`` configuration: raised from the ``validate_args``
-    hook, so the launcher can tell it from every other error and print it once."""
+    hook, on every rank alike, so the entry points can tell it from every other error and
+    print it once."""
 
 
 def _refuse_as_usp(check: Callable, args: argparse.Namespace) -> None:
@@ -70,6 +94,45 @@ def _refuse_as_usp(check: Callable, args: argparse.Namespace) -> None:
         check(args)
     except ValueError as error:
         raise USPArgumentError(str(error)) from error
+
+
+def _check_seq_length(args: argparse.Namespace) -> None:
+    """What Megatron-LM's own ``validate_args`` asserts of the sequence length for the
+    context-parallel size USP set, refused first in USP's words."""
+    if usp_enabled(args) and getattr(args, "seq_length", None) is not None:
+        check_megatron_lm_seq_length(args.seq_length, args.usp_ulysses_degree, args.usp_ring_degree)
+
+
+def document_masking(args: argparse.Namespace) -> bool:
+    """Whether the batches carry ``--reset-attention-mask``'s document mask: only with the
+    mask made in the data loader (Megatron-LM ignores the flag otherwise, one rank too)."""
+    return bool(
+        getattr(args, "reset_attention_mask", False)
+        and getattr(args, "create_attention_mask_in_dataloader", False)
+    )
+
+
+def _check_document_masking(args: argparse.Namespace) -> None:
+    """Document masking under USP runs as packed documents (``document_mask``): refuse what
+    those cannot run; say once when the flag has no effect, as in Megatron-LM itself."""
+    if not usp_enabled(args):
+        return
+    if document_masking(args):
+        check_document_masking(
+            usp_layout(args),
+            getattr(args, "window_size", None),
+            heads_per_tp_rank(args.num_attention_heads, args.tensor_model_parallel_size),
+            args.usp_ulysses_degree,
+            getattr(args, "pipeline_model_parallel_size", 1),
+        )
+    elif getattr(args, "reset_attention_mask", False):
+        log_rank_0(
+            args,
+            "USP: --reset-attention-mask has no effect without the data loader's attention "
+            "mask (--no-create-attention-mask-in-dataloader): Megatron-LM ignores it then, on "
+            "one rank too, and attention is causal over the whole sequence; drop "
+            "--no-create-attention-mask-in-dataloader to keep attention inside documents",
+        )
 
 
 def with_usp_args(extra_args_provider: Callable | None = None) -> Callable:
@@ -92,8 +155,10 @@ def wrap_validate_args(validate_args: Callable) -> Callable:
     @functools.wraps(validate_args)
     def hooked(args: argparse.Namespace, *rest: Any, **kwargs: Any) -> Any:
         _refuse_as_usp(apply_usp_args, args)
+        _refuse_as_usp(_check_seq_length, args)
         result = validate_args(args, *rest, **kwargs)
         _refuse_as_usp(validate_usp_args, args)
+        _refuse_as_usp(_check_document_masking, args)
         return result
 
     return _mark(hooked)
@@ -167,6 +232,64 @@ def wrap_thd_batch_split(get_thd_batch_on_this_cp_rank: Callable, get_args: Call
     return _mark(hooked)
 
 
+def wrap_tp_batch(get_batch_on_this_tp_rank: Callable, get_args: Callable) -> Callable:
+    """Megatron-LM's TP-rank batch getter; a batch with ``--reset-attention-mask``'s document
+    mask comes back as packed documents (each padded to a multiple of ``2 x C``, times the
+    TP size with sequence parallelism: every rank's share splits over TP)."""
+    if _hooked(get_batch_on_this_tp_rank):
+        return get_batch_on_this_tp_rank
+
+    @functools.wraps(get_batch_on_this_tp_rank)
+    def hooked(*a: Any, **kwargs: Any) -> dict:
+        batch = get_batch_on_this_tp_rank(*a, **kwargs)
+        args = get_args()
+        if not (usp_enabled(args) and document_masking(args)):
+            return batch
+        if batch.get("attention_mask") is None or batch.get("tokens") is None:
+            return batch
+        multiple = 2 * args.context_parallel_size
+        if getattr(args, "sequence_parallel", False):
+            multiple *= args.tensor_model_parallel_size
+        return pack_masked_documents(batch, multiple)
+
+    return _mark(hooked)
+
+
+def wrap_loss_calculation(forward_step_calc_loss: Callable, get_args: Callable) -> Callable:
+    """megatron-core's ``forward_step_calc_loss`` with, under USP and without
+    ``--calculate-per-token-loss``, the loss weighed by its context-parallel group's tokens."""
+    if _hooked(forward_step_calc_loss):
+        return forward_step_calc_loss
+    signature = inspect.signature(forward_step_calc_loss)
+
+    @functools.wraps(forward_step_calc_loss)
+    def hooked(*a: Any, **kwargs: Any) -> Any:
+        if not usp_enabled(get_args()):
+            return forward_step_calc_loss(*a, **kwargs)
+        bound = signature.bind(*a, **kwargs)
+        loss_func, config = bound.arguments["loss_func"], bound.arguments["config"]
+        if loss_func is not None and not config.calculate_per_token_loss:
+            cp_group = parallel_state.get_context_parallel_group()
+            bound.arguments["loss_func"] = balance_over_context_parallel(loss_func, cp_group)
+        return forward_step_calc_loss(*bound.args, **bound.kwargs)
+
+    return _mark(hooked)
+
+
+def wrap_excepthook(excepthook: Callable) -> Callable:
+    """``sys.excepthook`` that says a :class:`USPRefusal` in one line from one rank and exits
+    1 (every rank), and hands every other error to ``excepthook``."""
+    if _hooked(excepthook):
+        return excepthook
+
+    def hook(kind: type, error: BaseException, traceback: TracebackType | None) -> None:
+        if isinstance(error, USPRefusal):
+            exit_refused(f"usp_megatron: {error}", speaks=error.speaks)
+        excepthook(kind, error, traceback)
+
+    return _mark(hook)
+
+
 def wrap_rotary_embedding(rotary_embedding: type, get_args: Callable) -> Callable:
     """What ``GPTModel`` calls to build its RoPE: USP's slice for stripe and basic."""
     if _hooked(rotary_embedding):
@@ -228,6 +351,7 @@ def install(add_flags: bool = False) -> None:
     initialize = _module("megatron.training.initialize")
     training_utils = _module("megatron.training.utils")
     core_utils = _module("megatron.core.utils")
+    schedules = _module("megatron.core.pipeline_parallel.schedules")
     global_vars = _module("megatron.training.global_vars")
     gpt_model = _module("megatron.core.models.gpt.gpt_model")
     backends = _module("megatron.core.models.backends")
@@ -253,6 +377,16 @@ def install(add_flags: bool = False) -> None:
         "get_batch_on_this_cp_rank",
         lambda split: wrap_batch_split(split, get_args),
     )
+    _replace(
+        [core_utils, training_utils],
+        "get_batch_on_this_tp_rank",
+        lambda getter: wrap_tp_batch(getter, get_args),
+    )
+    _replace(
+        [schedules],
+        "forward_step_calc_loss",
+        lambda calc: wrap_loss_calculation(calc, get_args),
+    )
     if hasattr(core_utils, "get_thd_batch_on_this_cp_rank"):
         core_utils.get_thd_batch_on_this_cp_rank = wrap_thd_batch_split(
             core_utils.get_thd_batch_on_this_cp_rank, get_args
@@ -260,3 +394,4 @@ def install(add_flags: bool = False) -> None:
     gpt_model.RotaryEmbedding = wrap_rotary_embedding(gpt_model.RotaryEmbedding, get_args)
     for site in fallback_sites():
         setattr(site.module, site.name, wrap_multi_tensor_op(site, get_args))
+    sys.excepthook = wrap_excepthook(sys.excepthook)

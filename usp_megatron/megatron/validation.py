@@ -2,12 +2,57 @@
 
 Shared by the core-attention module (checked when it is built), the spec builders and the
 Megatron-LM flag validation, so every entry point refuses the same things in the same words.
+How a refusal reaches the user of a distributed run lives here too: :class:`USPRefusal`
+and :func:`exit_refused` (one line from one rank, exit 1 on every rank).
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import time
+from typing import NoReturn
+
 from usp_megatron.checks import check_degrees, check_window
 from usp_megatron.layout import SequenceLayout
+
+
+class USPRefusal(ValueError):
+    """Something the plugin refuses, said in one line: the Megatron-LM entry points (the
+    patched script, through the excepthook ``install()`` sets, and the launcher) print it
+    once and exit 1 on every rank instead of a traceback per rank.
+
+    ``speaks``: whether this rank prints it. By default rank 0 (``RANK``), right where every
+    rank refuses the same flags; a refusal only some ranks reach (one context-parallel
+    group's batch) names the one of them that speaks.
+    """
+
+    def __init__(self, message: str, speaks: bool | None = None) -> None:
+        super().__init__(message)
+        self.speaks = os.environ.get("RANK", "0") == "0" if speaks is None else speaks
+
+
+def exit_refused(message: str, grace_s: float = 30.0, speaks: bool | None = None) -> NoReturn:
+    """Exit 1 with ``message`` printed by the rank that ``speaks`` (default: rank 0).
+
+    Every rank refuses the same thing, so one line replaces a traceback per rank. The other
+    ranks wait up to ``grace_s`` before exiting, quietly: torchrun ends all ranks as soon as
+    one exits, which could otherwise kill the speaking rank before it has printed. Their
+    SIGTERM then exits 1 too; the handler is put back afterwards (a caller that catches the
+    SystemExit, e.g. a test, keeps its own).
+    """
+    if speaks is None:
+        speaks = os.environ.get("RANK", "0") == "0"
+    if speaks:
+        print(message, file=sys.stderr, flush=True)
+        raise SystemExit(1)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    try:
+        time.sleep(grace_s)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    raise SystemExit(1)
 
 
 def heads_per_tp_rank(num_attention_heads: int, tensor_parallel_size: int) -> int:
@@ -166,4 +211,51 @@ def check_context_parallel(
         raise ValueError(
             f"--hierarchical-context-parallel-sizes {list(hierarchical_sizes)} conflicts with "
             f"USP's [U, R] = [{ulysses_degree}, {ring_degree}]: drop it (USP sets it)"
+        )
+
+
+def check_cp_comm_type_layers(values: list, num_layers: int | None) -> None:
+    """A ``--cp-comm-type`` list is one value per layer (or one for all), as Megatron reads it."""
+    if len(values) > 1 and num_layers is not None and len(values) != num_layers:
+        raise ValueError(
+            f"--cp-comm-type {' '.join(map(str, values))} gives {len(values)} values for "
+            f"--num-layers {num_layers}: give one per layer or one for all (or drop "
+            "--cp-comm-type: USP sets it)"
+        )
+
+
+def check_megatron_lm_seq_length(seq_length: int, ulysses_degree: int, ring_degree: int) -> None:
+    """Megatron-LM cuts every sequence into ``2 x`` context-parallel-size chunks whatever the
+    layout: its ``validate_args`` asserts it, naming ``--context-parallel-size``, which the
+    user did not type under USP; said first, with the USP flags."""
+    multiple = 2 * ulysses_degree * ring_degree
+    if seq_length < 1 or seq_length % multiple:
+        below = max(multiple, seq_length // multiple * multiple)
+        raise ValueError(
+            f"--seq-length {seq_length} must be a multiple of 2 x --usp-ulysses-degree "
+            f"{ulysses_degree} x --usp-ring-degree {ring_degree} = {multiple} (Megatron-LM "
+            f"cuts every sequence into 2 x U x R chunks): e.g. --seq-length {below} or "
+            f"{below + multiple}"
+        )
+
+
+def check_document_masking(
+    layout: SequenceLayout,
+    window_size: object,
+    heads_per_tp_rank: int,
+    ulysses_degree: int,
+    pipeline_parallel_size: int,
+) -> None:
+    """``--reset-attention-mask`` (with the data loader's mask) under USP: its documents are
+    attended as packed documents, so what those refuse; and pipeline parallelism, whose
+    stages exchange activations of a fixed sequence length while a packed micro-batch's
+    length depends on its documents' padding."""
+    what = "--reset-attention-mask"
+    check_packed_documents(layout, window_size, heads_per_tp_rank, ulysses_degree, what)
+    if pipeline_parallel_size > 1:
+        raise ValueError(
+            f"{what} with --pipeline-model-parallel-size {pipeline_parallel_size} is not "
+            "supported under USP: its documents are packed, padded each to a multiple of "
+            "2 x U x R, so a micro-batch's length varies and pipeline stages exchange fixed "
+            "shapes; drop one of them"
         )
