@@ -151,6 +151,7 @@ U4R2 = ("--usp-ulysses-degree", "4", "--usp-ring-degree", "2")
         (U4R2, dict(multi_latent_attention=True), "multi-latent attention"),
         (U4R2, dict(attention_dropout=0.1), "--attention-dropout"),
         (U4R2, dict(window_size=(128, -3)), "window_size must be"),
+        (U4R2, dict(window_size=(128, 4)), "--window-size 128 4: the GPT is causal"),
         (U4R2 + ("--usp-ring-impl", "basic"), dict(position_embedding_type="yarn"), "'yarn'"),
         (U4R2, dict(use_legacy_models=True), "--use-legacy-models"),
         (U4R2, dict(experimental_attention_variant="dsa"), "--experimental-attention-variant"),
