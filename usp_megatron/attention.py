@@ -23,7 +23,7 @@ from torch import nn
 from usp_megatron.call import AttentionCall
 from usp_megatron.checks import check_positive_int, check_window, renamed_keyword
 from usp_megatron.comm import heads_to_seq_start, seq_to_heads_start, split_heads
-from usp_megatron.groups import USPGroups
+from usp_megatron.groups import USPGroups, gather_ints
 from usp_megatron.heads import HeadSplit, head_split
 from usp_megatron.kernels import AttentionKernel, check_backend, get_kernel
 from usp_megatron.layout import LayoutArg, SequenceLayout, resolve_layout
@@ -408,13 +408,10 @@ class LongContextAttention(nn.Module):
         pairs = [(groups.cp_group, groups.cp_size)] if groups.cp_group is not None else [
             (groups.ulysses_group, groups.ulysses_degree), (groups.ring_group, groups.ring_degree)
         ]  # fmt: skip
-        mine = torch.tensor(signature, dtype=torch.int64, device=q.device)
         for group, size in pairs:
             if size == 1:
                 continue
-            everyone = [torch.empty_like(mine) for _ in range(size)]
-            dist.all_gather(everyone, mine, group=group)
-            seen = [tuple(t.tolist()) for t in everyone]
+            seen = gather_ints(signature, group, size, q.device)
             if len(set(seen)) > 1:
                 ranks = dist.get_process_group_ranks(group)
                 raise ValueError(

@@ -8,8 +8,10 @@ cheap) and ring groups stride across them. This matches Megatron's
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
@@ -110,3 +112,21 @@ def init_usp_groups(
                 found["ring"] = pg
     cp_group = group if group is not None else dist.group.WORLD
     return usp_groups_from(found["ulysses"], found["ring"], cp_group)
+
+
+def gather_ints(
+    values: Sequence[int], group: ProcessGroup, size: int, device: torch.device
+) -> list[tuple[int, ...]]:
+    """Every rank's ``values`` (a few integers, their count may differ between ranks), in
+    group rank order: one small all-gather, whose reading waits for the device. What the
+    checks use that compare ranks' inputs before a collective that would crash or hang
+    on different ones."""
+    most = 16
+    if len(values) >= most:
+        raise ValueError(f"gather_ints takes fewer than {most} values, got {len(values)}")
+    padded = [len(values), *values, *[0] * (most - 1 - len(values))]
+    mine = torch.tensor(padded, dtype=torch.int64, device=device)
+    everyone = [torch.empty_like(mine) for _ in range(size)]
+    dist.all_gather(everyone, mine, group=group)
+    rows = [row.tolist() for row in everyone]
+    return [tuple(row[1 : 1 + row[0]]) for row in rows]

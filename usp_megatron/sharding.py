@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from usp_megatron.groups import USPGroups
+from usp_megatron.groups import USPGroups, gather_ints
 from usp_megatron.layout import LayoutArg, resolve_layout
 
 
@@ -53,11 +53,7 @@ def gather_sequence(
     layout = resolve_layout(layout, groups.ulysses_degree, groups.ring_degree, cu_seqlens_padded)
     # Shards of different shapes would crash gloo (or hang NCCL) in the all-gather: their
     # shapes travel first, so every rank can say which rank holds what.
-    padded = [x_local.dim(), *x_local.shape, *[0] * (8 - x_local.dim())]
-    shape = torch.tensor(padded, device=x_local.device)
-    shapes = [torch.empty_like(shape) for _ in range(groups.cp_size)]
-    dist.all_gather(shapes, shape, group=groups.cp_group)
-    seen = [tuple(s.tolist()[1 : 1 + int(s[0])]) for s in shapes]
+    seen = gather_ints(x_local.shape, groups.cp_group, groups.cp_size, x_local.device)
     if len(set(seen)) > 1:
         ranks = dist.get_process_group_ranks(groups.cp_group)
         raise ValueError(
