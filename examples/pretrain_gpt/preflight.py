@@ -34,6 +34,7 @@ from usp_megatron.megatron.arguments import usp_enabled, usp_layout
 from usp_megatron.megatron.grad_norm import fallback_sites
 from usp_megatron.megatron.validation import (
     check_attention_options,
+    check_causal_window,
     check_heads,
     check_packed_documents,
 )
@@ -363,17 +364,14 @@ def _check_attention(args: argparse.Namespace) -> None:
     context-parallel size (it is the core attention unless --megatron-attention)."""
     window = args.window_size
     if window is not None:
-        shown = " ".join(map(str, window))
         try:
-            window = check_window(tuple(window))
+            check_window(tuple(window))
         except ValueError as error:
-            raise ConfigError(f"--window-size {shown}: {error}") from None
-        if window is not None and window[1] != 0:
-            raise ConfigError(
-                f"--window-size {shown}: this GPT is causal (token i never sees a later "
-                f"token), so RIGHT must be 0; {window[1]} would silently act as 0: use "
-                f"--window-size {window[0]} 0"
-            )
+            raise ConfigError(f"--window-size {' '.join(map(str, window))}: {error}") from None
+        try:
+            check_causal_window(window, unbounded_right=False)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     if not args.megatron_attention:
         try:
             check_attention_options(attention_dropout=args.attention_dropout)

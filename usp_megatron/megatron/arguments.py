@@ -24,6 +24,7 @@ from usp_megatron.kernels import BACKENDS
 from usp_megatron.layout import LAYOUT_NAMES, SequenceLayout, get_layout
 from usp_megatron.megatron.validation import (
     check_attention_options,
+    check_causal_window,
     check_context_parallel,
     check_cp_comm_type,
     check_cp_comm_type_layers,
@@ -301,17 +302,6 @@ def apply_usp_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def _check_causal_window(window_size: object) -> None:
-    """Megatron-LM's GPT is causal: a window's RIGHT above 0 would silently act as 0."""
-    if window_size is not None and len(window_size) == 2 and window_size[1] > 0:
-        left, right = window_size
-        raise ValueError(
-            f"--window-size {left} {right}: the GPT is causal (a token never sees a later "
-            f"one), so RIGHT must be 0; {right} would silently act as 0: use --window-size "
-            f"{left} 0"
-        )
-
-
 def validate_usp_args(args: argparse.Namespace) -> argparse.Namespace:
     """Refuse combinations USP cannot run, naming the flag to change (after validate_args)."""
     if _degrees(args)[0] == AUTO:
@@ -344,7 +334,7 @@ def validate_usp_args(args: argparse.Namespace) -> argparse.Namespace:
         softmax_type=getattr(args, "softmax_type", "vanilla"),
         window_size=getattr(args, "window_size", None),
     )
-    _check_causal_window(getattr(args, "window_size", None))
+    check_causal_window(getattr(args, "window_size", None))
     check_position_embedding(getattr(args, "position_embedding_type", "rope"), layout)
     refused = {
         "use_legacy_models": "--use-legacy-models (USP is a megatron-core module)",

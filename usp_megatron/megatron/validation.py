@@ -124,6 +124,25 @@ def check_attention_options(
     check_window(window_size)
 
 
+def check_causal_window(window_size: object, unbounded_right: bool = True) -> None:
+    """A GPT is causal, so a sliding window's RIGHT above 0 would silently act as 0; so would
+    -1 (unbounded), where ``unbounded_right`` is False. A malformed window is left to
+    ``check_window``'s own message."""
+    try:
+        window = check_window(None if window_size is None else tuple(window_size))
+    except (TypeError, ValueError):
+        return
+    if window is None:
+        return
+    left, right = window
+    if right > 0 or (right == -1 and not unbounded_right):
+        raise ValueError(
+            f"--window-size {left} {right}: this GPT is causal (token i never sees a later "
+            f"token), so RIGHT must be 0; {right} would silently act as 0: use --window-size "
+            f"{left} 0"
+        )
+
+
 def check_position_embedding(position_embedding_type: str, layout: SequenceLayout) -> None:
     """Only RoPE (and position ids) get the plugin's own slice for stripe and basic."""
     if not layout.megatron_split and position_embedding_type in ("yarn", "mrope"):
